@@ -1,0 +1,204 @@
+//! The benchmark workloads of `shared/bench/WORKLOADS.md` (chain40,
+//! fanout100), run in-process against a fresh SQLite database. Trigger =
+//! `Engine::submit`; result = the awaited outcome, checked. Prints one JSON
+//! object per line.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use switchyard_steps::SystemClock;
+
+use crate::compile::{self, Loader};
+use crate::engine::{Engine, EngineOptions};
+use crate::journal::RunStatus;
+use crate::store::{SqliteOptions, SqliteStore};
+use crate::workflow::Definition;
+
+const WARMUP: usize = 3;
+
+/// `k`-step chain: step k outputs `{"i": k}` from its input `{"i": k-1}`.
+pub fn chain_yaml(k: usize) -> String {
+    let mut y = String::from("name: chain40\nsteps:\n");
+    for s in 1..=k {
+        let from = if s == 1 { "input.i".to_owned() } else { format!("steps.s{}.output.i", s - 1) };
+        y.push_str(&format!("  - id: s{s}\n    kind: transform\n"));
+        if s > 1 {
+            y.push_str(&format!("    needs: [s{}]\n", s - 1));
+        }
+        y.push_str(&format!("    with: {{i: \"{{{{ {from} + 1 }}}}\"}}\n"));
+    }
+    y.push_str(&format!("output: \"{{{{ steps.s{k}.output }}}}\"\n"));
+    y
+}
+
+/// `start`, then `w0..w{n-1}` in parallel, then `join` summing their outputs.
+pub fn fanout_yaml(n: usize) -> String {
+    let mut y = format!("name: fanout{n}\nsteps:\n  - id: start\n    kind: transform\n    with: {{n: {n}}}\n");
+    for j in 0..n {
+        y.push_str(&format!("  - id: w{j}\n    kind: transform\n    needs: [start]\n    with: {{v: {j}}}\n"));
+    }
+    let needs: Vec<String> = (0..n).map(|j| format!("w{j}")).collect();
+    let sum: Vec<String> = (0..n).map(|j| format!("steps.w{j}.output.v")).collect();
+    y.push_str(&format!(
+        "  - id: join\n    kind: transform\n    needs: [{}]\n    with: \"{{{{ {} }}}}\"\noutput: \"{{{{ steps.join.output }}}}\"\n",
+        needs.join(", "),
+        sum.join(" + ")
+    ));
+    y
+}
+
+struct Text(String);
+
+impl Loader for Text {
+    fn load(&self, _key: &str) -> Result<String, String> {
+        Ok(self.0.clone())
+    }
+}
+
+fn compile_text(name: &str, yaml: String, engine: &Engine) -> Result<Definition> {
+    compile::compile_from(name, &Text(yaml), engine.registry()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+async fn one(engine: &Engine, def: &Definition, input: Value, expect: &Value) -> Result<()> {
+    let outcome = engine.run(def, input).await?;
+    if outcome.status != RunStatus::Succeeded || outcome.output.as_ref() != Some(expect) {
+        bail!("run {} ended {} with {:?}, expected {expect}", outcome.id, outcome.status, outcome.output);
+    }
+    Ok(())
+}
+
+async fn latency(engine: &Engine, def: &Definition, input: &Value, expect: &Value, n: usize) -> Result<Vec<f64>> {
+    for _ in 0..WARMUP {
+        one(engine, def, input.clone(), expect).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        one(engine, def, input.clone(), expect).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}
+
+async fn throughput(engine: &Engine, def: &Definition, n: usize) -> Result<Duration> {
+    let expect = json!({"i": 40});
+    for _ in 0..WARMUP {
+        one(engine, def, json!({"i": 0}), &expect).await?;
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let engine = engine.clone();
+        let def = def.clone();
+        let expect = expect.clone();
+        tasks.spawn(async move { one(&engine, &def, json!({"i": 0}), &expect).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("run task")??;
+    }
+    Ok(start.elapsed())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Runs the named workloads and prints their JSON lines.
+pub async fn run(workload: &str, synchronous_full: bool) -> Result<()> {
+    let chosen: Vec<&str> = match workload {
+        "all" => vec!["chain40", "fanout100"],
+        "chain40" | "fanout100" => vec![workload],
+        other => bail!("unknown workload {other:?} (all, chain40, fanout100)"),
+    };
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(&dir, &chosen, synchronous_full).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) -> Result<()> {
+    let url = dir.join("bench.db").display().to_string();
+    let store = Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full }).await?);
+    let options = EngineOptions { max_concurrent_runs: 1024, ..Default::default() };
+    let engine = Engine::start(store, crate::registry(Arc::new(NoNetwork)), Arc::new(SystemClock), options);
+    let mode = if synchronous_full { "sqlite-wal-full" } else { "sqlite-wal-normal" };
+    let note = if synchronous_full {
+        "in-process trigger; every step's output committed (WAL, synchronous=FULL, fsync) before the next step starts; group commit across runs"
+    } else {
+        "in-process trigger; every step's output committed (WAL, synchronous=NORMAL: survives process crash, not power loss) before the next step starts"
+    };
+    let base = json!({"engine": "switchyard", "mode": mode, "per_step_durable": "yes", "notes": note});
+    let emit = |mut extra: Value| {
+        let mut line = base.clone();
+        line.as_object_mut().expect("object").append(extra.as_object_mut().expect("object"));
+        println!("{line}");
+    };
+    for w in chosen {
+        match *w {
+            "chain40" => {
+                let def = compile_text("chain40.yaml", chain_yaml(40), &engine)?;
+                match latency(&engine, &def, &json!({"i": 0}), &json!({"i": 40}), 30).await {
+                    Ok(s) => emit(json!({"workload": "chain40", "metric": "latency", "n": 30,
+                        "p50_ms": round(percentile(&s, 50.0)), "p95_ms": round(percentile(&s, 95.0))})),
+                    Err(e) => emit(json!({"workload": "chain40", "metric": "latency", "n": 30, "error": e.to_string()})),
+                }
+                match throughput(&engine, &def, 200).await {
+                    Ok(wall) => {
+                        let s = wall.as_secs_f64();
+                        emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round(s * 100.0) / 100.0,
+                            "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}))
+                    }
+                    Err(e) => emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "error": e.to_string()})),
+                }
+            }
+            "fanout100" => {
+                let def = compile_text("fanout100.yaml", fanout_yaml(100), &engine)?;
+                match latency(&engine, &def, &json!({}), &json!(4950), 20).await {
+                    Ok(s) => emit(json!({"workload": "fanout100", "metric": "latency", "n": 20,
+                        "p50_ms": round(percentile(&s, 50.0)), "p95_ms": round(percentile(&s, 95.0))})),
+                    Err(e) => emit(json!({"workload": "fanout100", "metric": "latency", "n": 20, "error": e.to_string()})),
+                }
+            }
+            _ => unreachable!("checked above"),
+        }
+    }
+    engine.shutdown().await;
+    Ok(())
+}
+
+/// The workloads make no HTTP calls.
+struct NoNetwork;
+
+#[async_trait::async_trait]
+impl switchyard_steps::http::HttpClient for NoNetwork {
+    async fn send(
+        &self,
+        _request: switchyard_steps::http::HttpRequest,
+    ) -> Result<switchyard_steps::http::HttpResponse, switchyard_steps::http::HttpError> {
+        Err(switchyard_steps::http::HttpError::Invalid("the benchmark makes no HTTP calls".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s: Vec<f64> = (1..=30).map(f64::from).collect();
+        assert_eq!(percentile(&s, 50.0), 15.0);
+        assert_eq!(percentile(&s, 95.0), 29.0);
+        let s: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&s, 50.0), 10.0);
+    }
+}

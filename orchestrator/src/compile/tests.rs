@@ -1,0 +1,198 @@
+use super::*;
+use crate::workflow::Bundle;
+
+fn registry() -> Registry {
+    crate::registry(std::sync::Arc::new(crate::testing::NoHttp))
+}
+
+fn compile_files(files: &[(&str, &str)]) -> Result<Definition, CompileErrors> {
+    let bundle = Bundle {
+        root: files[0].0.to_owned(),
+        files: files.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    compile_bundle(&bundle, &registry())
+}
+
+fn errors(yaml: &str) -> Vec<String> {
+    compile_files(&[("wf.yaml", yaml)]).unwrap_err().0.iter().map(|e| format!("{}: {}", e.place, e.message)).collect()
+}
+
+#[test]
+fn compiles_a_branching_workflow() {
+    let def = compile_files(&[(
+        "wf.yaml",
+        r#"
+name: triage
+input: {type: object, required: [severity]}
+steps:
+  - id: route
+    kind: switch
+    with:
+      cases:
+        - when: "input.severity == 'high'"
+          path: page
+      default: ticket
+  - id: page
+    kind: transform
+    needs: [route.page]
+    with: {who: oncall}
+  - id: ticket
+    kind: transform
+    needs: [route.ticket]
+    with: {who: "{{ input.severity }}"}
+  - id: done
+    kind: transform
+    needs: [page, ticket]
+    join: any
+    with: {ok: true}
+output: "{{ steps.done.output }}"
+"#,
+    )])
+    .unwrap();
+    let wf = &def.workflow;
+    assert_eq!(wf.name(), "triage");
+    assert_eq!(wf.steps[3].needs.len(), 2);
+    assert_eq!(wf.steps[0].dependents, vec![1, 2]);
+    assert!(wf.check_input(&serde_json::json!({})).unwrap_err()[0].contains("severity"));
+    assert_eq!(def.hash.len(), 64);
+}
+
+#[test]
+fn reports_every_error_with_its_place() {
+    let errs = errors(
+        r#"
+name: broken
+steps:
+  - id: a
+    kind: transform
+    with: {x: "{{ input. }}"}
+  - id: a
+    kind: htp
+  - id: c
+    kind: http
+    needs: [clasify]
+    with: {url: "http://x", method: FETCH}
+  - id: d
+    kind: transform
+    when: "steps.c.output.ok"
+    with: {x: 1}
+  - id: e
+    kind: transform
+    needs: [f]
+    with: {}
+  - id: f
+    kind: transform
+    needs: [e]
+    with: {}
+"#,
+    );
+    let joined = errors_text(&errs);
+    for expected in [
+        "steps[0].with.x: syntax error",
+        "steps[1].id: duplicate id \"a\" (first at steps[0])",
+        "steps[1].kind: unknown kind \"htp\"",
+        "steps[2].needs[0]: unknown step \"clasify\"",
+        "steps[2].with.method: unknown method \"FETCH\"",
+        "steps[3].when: `steps.c.output.ok` reads step \"c\", which is not upstream of \"d\"",
+        "steps[4].needs: cycle between steps e -> f",
+    ] {
+        assert!(joined.contains(expected), "missing {expected:?} in:\n{joined}");
+    }
+}
+
+fn errors_text(errs: &[String]) -> String {
+    errs.join("\n")
+}
+
+#[test]
+fn rejects_bad_configs_and_retry_policies() {
+    let joined = errors_text(&errors(
+        r#"
+name: cfg
+steps:
+  - id: s
+    kind: sleep
+    with: {}
+  - id: t
+    kind: fail
+    with: {message: x, extra: 1}
+    retry: {max_attempts: 0, initial_delay: soon, jitter: 2}
+    timeout: forever
+  - id: r
+    kind: switch
+    with: {cases: []}
+  - id: n
+    kind: transform
+    needs: [r.nowhere]
+    with: {}
+"#,
+    ));
+    for expected in [
+        "steps[0].with: set exactly one of `duration` or `until`",
+        "steps[1].with: unknown field `extra`",
+        "steps[1].retry.max_attempts: must be at least 1",
+        "steps[1].retry.jitter",
+        "steps[1].retry.initial_delay: invalid duration",
+        "steps[1].timeout: invalid duration",
+        "steps[2].with.cases: needs at least one case",
+    ] {
+        assert!(joined.contains(expected), "missing {expected:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn yaml_errors_name_the_line() {
+    let errs = compile_files(&[("wf.yaml", "name: x\nsteps:\n  - id: a\n    kind: [\n")]).unwrap_err();
+    assert!(errs.to_string().starts_with("wf.yaml: "), "{errs}");
+    assert!(errs.to_string().contains("line"), "{errs}");
+}
+
+#[test]
+fn child_workflows_are_bundled_and_cycles_found() {
+    let def = compile_files(&[
+        ("main.yaml", "name: main\nsteps:\n  - id: c\n    kind: workflow\n    with: {path: sub/child.yaml, input: {x: 1}}\n"),
+        ("sub/child.yaml", "name: child\nsteps:\n  - id: t\n    kind: transform\n    with: {y: \"{{ input.x }}\"}\n"),
+    ])
+    .unwrap();
+    assert_eq!(def.bundle.files.len(), 2);
+
+    let errs = compile_files(&[
+        ("a.yaml", "name: a\nsteps:\n  - id: c\n    kind: workflow\n    with: {path: b.yaml}\n"),
+        ("b.yaml", "name: b\nsteps:\n  - id: c\n    kind: workflow\n    with: {path: a.yaml}\n"),
+    ])
+    .unwrap_err();
+    assert!(errs.to_string().contains("cycle: a.yaml -> b.yaml -> a.yaml"), "{errs}");
+}
+
+#[test]
+fn map_inline_steps_may_read_item_and_index_only_in_input() {
+    let ok = compile_files(&[(
+        "m.yaml",
+        r#"
+name: m
+steps:
+  - id: each
+    kind: map
+    with:
+      items: "{{ input.hosts }}"
+      input: {host: "{{ item }}", i: "{{ index }}"}
+      steps:
+        - id: t
+          kind: transform
+          with: {h: "{{ input.host }}"}
+      output: "{{ steps.t.output.h }}"
+"#,
+    )]);
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    let joined = errors_text(&errors(
+        "name: m\nsteps:\n  - id: e\n    kind: map\n    with: {items: \"{{ item }}\", steps: [{id: t, kind: transform, with: {}}]}\n",
+    ));
+    assert!(joined.contains("steps[0].with.items: unknown variable \"item\""), "{joined}");
+}
+
+#[test]
+fn join_keys_are_relative_to_the_calling_file() {
+    assert_eq!(join_key("a/b.yaml", "c.yaml"), "a/c.yaml");
+    assert_eq!(join_key("a/b.yaml", "../c.yaml"), "c.yaml");
+    assert_eq!(join_key("b.yaml", "./x/c.yaml"), "x/c.yaml");
+}

@@ -1,0 +1,709 @@
+//! Drives one run: folds its journal into step states, starts ready steps,
+//! journals their results and finishes, parks or hands back the run.
+//!
+//! A driver lives only while the run has work; a run whose only pending work
+//! is a timer further away than the park threshold is parked (no task, no
+//! lease) and driven again by the engine's timer when due.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use minijinja::Value as MjValue;
+use serde_json::{Value, json};
+use switchyard_steps::{RecordedOp, Stop, StepContext, StepError, StepResult};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Inner;
+use super::child;
+use super::journal_handle::{RunJournal, StepOps};
+use super::writer::CommitError;
+use crate::expr;
+use crate::journal::{Event, RunStatus};
+use crate::spec::{Join, OnError};
+use crate::store::{self, Fence, RunUpdate};
+use crate::workflow::{StepKind, Workflow};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Pending,
+    /// Must be (re)started: in flight at a crash, or resumed.
+    Ready,
+    Running,
+    /// Waiting for `due` (a sleep).
+    Suspended,
+    /// Waiting for `due` (retry backoff).
+    Backoff,
+    Succeeded,
+    /// Failed with `on_error: continue`: completed, output is the error.
+    Continued,
+    Failed,
+    Skipped,
+}
+
+impl Status {
+    fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Continued | Status::Failed | Status::Skipped)
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Status::Pending | Status::Ready => "pending",
+            Status::Running => "running",
+            Status::Suspended | Status::Backoff => "waiting",
+            Status::Succeeded => "succeeded",
+            Status::Continued | Status::Failed => "failed",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StepState {
+    status: Status,
+    attempt: u32,
+    /// Attempts made before the run was last resumed; the retry budget counts
+    /// from here.
+    budget_start: u32,
+    output: Option<Value>,
+    ops: Vec<RecordedOp>,
+    due: Option<i64>,
+    /// `{output, status}` for templates, built once when the step completes.
+    view: Option<MjValue>,
+}
+
+impl StepState {
+    fn new() -> Self {
+        Self { status: Status::Pending, attempt: 0, budget_start: 0, output: None, ops: Vec::new(), due: None, view: None }
+    }
+    fn complete(&mut self, status: Status, output: Option<Value>) {
+        self.status = status;
+        self.view = Some(expr::from_json(&json!({ "output": output.clone().unwrap_or(Value::Null), "status": status.name() })));
+        self.output = output;
+        self.due = None;
+    }
+}
+
+/// How a drive ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Finished { status: RunStatus, output: Option<Value>, error: Option<StepError> },
+    Parked { wake_at: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DriveError {
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("run {0}: {1}")]
+    Invalid(String, String),
+}
+
+type Done = (usize, u32, StepResult);
+
+/// Which run a driver drives and the claim it writes under.
+pub(crate) struct RunRef {
+    pub id: String,
+    pub is_root: bool,
+    /// Hash of the root definition (child runs share it).
+    pub definition: Arc<str>,
+    pub fence: Fence,
+}
+
+pub(crate) struct Driver {
+    inner: Arc<Inner>,
+    run_id: String,
+    is_root: bool,
+    definition: Arc<str>,
+    wf: Arc<Workflow>,
+    input_view: MjValue,
+    run_view: MjValue,
+    steps: Vec<StepState>,
+    journal: Arc<RunJournal>,
+    cancel: CancellationToken,
+    running: JoinSet<Done>,
+    /// Set once a step failed for good: nothing new starts.
+    failure: Option<StepError>,
+    finished: Option<RunStatus>,
+}
+
+impl Driver {
+    /// Loads a run from its journal.
+    pub async fn load(
+        inner: Arc<Inner>,
+        run: RunRef,
+        wf: Arc<Workflow>,
+        cancel: CancellationToken,
+    ) -> Result<Self, DriveError> {
+        let RunRef { id: run_id, is_root, definition, fence } = run;
+        let run_id = run_id.as_str();
+        let entries = inner.store.journal(run_id).await?;
+        let mut input = Value::Null;
+        let mut steps = vec![StepState::new(); wf.steps.len()];
+        let mut failure = None;
+        let mut finished = None;
+        let index = |id: &str| {
+            wf.step_index(id)
+                .ok_or_else(|| DriveError::Invalid(run_id.to_owned(), format!("journal names unknown step {id:?}")))
+        };
+        for entry in &entries {
+            match &entry.event {
+                Event::RunStarted { input: i, .. } => input = i.clone(),
+                Event::StepStarted { step, attempt } => {
+                    let s = &mut steps[index(step)?];
+                    s.status = Status::Running;
+                    s.attempt = *attempt;
+                }
+                Event::StepOp { step, index: op, name, value, .. } => {
+                    steps[index(step)?].ops.push(RecordedOp { index: *op, name: name.clone(), value: value.clone() })
+                }
+                Event::StepSucceeded { step, output, .. } => {
+                    steps[index(step)?].complete(Status::Succeeded, Some(output.clone()))
+                }
+                Event::StepFailed { step, error, retry_at, continued, .. } => {
+                    let s = &mut steps[index(step)?];
+                    s.ops.clear();
+                    if let Some(at) = retry_at {
+                        s.status = Status::Backoff;
+                        s.due = Some(*at);
+                    } else if *continued {
+                        s.complete(Status::Continued, Some(json!({ "error": error })));
+                    } else {
+                        s.complete(Status::Failed, None);
+                        failure = Some(step_error(step, error));
+                    }
+                }
+                Event::StepSuspended { step, until, .. } => {
+                    let s = &mut steps[index(step)?];
+                    s.status = Status::Suspended;
+                    s.due = Some(*until);
+                }
+                Event::StepSkipped { step, .. } => steps[index(step)?].complete(Status::Skipped, None),
+                Event::RunParked { .. } => {}
+                Event::RunResumed => {
+                    failure = None;
+                    finished = None;
+                    for s in steps.iter_mut().filter(|s| s.status == Status::Failed) {
+                        s.status = Status::Ready;
+                        s.budget_start = s.attempt;
+                        s.view = None;
+                    }
+                }
+                Event::RunFinished { status, .. } => finished = Some(*status),
+            }
+        }
+        // Steps that were in flight when the previous driver stopped run again
+        // as a new attempt (their journaled ops carry over).
+        for s in steps.iter_mut().filter(|s| s.status == Status::Running) {
+            s.status = Status::Ready;
+        }
+        let next_seq = entries.last().map(|e| e.seq + 1).unwrap_or(0);
+        let journal = RunJournal::new(run_id.to_owned(), fence, next_seq, inner.writer.clone(), inner.clock.clone());
+        Ok(Self {
+            input_view: expr::from_json(&input),
+            run_view: expr::from_json(&json!({ "id": run_id })),
+            inner,
+            run_id: run_id.to_owned(),
+            is_root,
+            definition,
+            wf,
+            steps,
+            journal,
+            cancel,
+            running: JoinSet::new(),
+            failure,
+            finished,
+        })
+    }
+
+    fn context(&self, extra: &[(&str, MjValue)]) -> MjValue {
+        let steps: BTreeMap<&str, MjValue> = self
+            .wf
+            .steps
+            .iter()
+            .zip(&self.steps)
+            .filter_map(|(spec, st)| st.view.clone().map(|v| (spec.id.as_str(), v)))
+            .collect();
+        let mut ctx: Vec<(&str, MjValue)> =
+            vec![("input", self.input_view.clone()), ("steps", MjValue::from(steps)), ("run", self.run_view.clone())];
+        ctx.extend(extra.iter().cloned());
+        ctx.into_iter().collect()
+    }
+
+    /// Runs until the run finishes or parks.
+    pub async fn drive(mut self) -> Result<Outcome, DriveError> {
+        if let Some(status) = self.finished {
+            return Err(DriveError::Invalid(self.run_id.clone(), format!("already {status}")));
+        }
+        loop {
+            if self.cancel.is_cancelled() {
+                return self.finish_cancelled().await;
+            }
+            self.schedule().await?;
+            if self.running.is_empty() {
+                if self.failure.is_some() || self.steps.iter().all(|s| s.status.is_terminal()) {
+                    return self.finish().await;
+                }
+                let Some(next) = self.next_due() else {
+                    let stuck = StepError::fatal("stuck", "no step can run; this is a bug");
+                    self.failure = Some(stuck);
+                    return self.finish().await;
+                };
+                let now = self.inner.clock.now_ms();
+                if next - now > self.inner.options.park_after.as_millis() as i64 {
+                    return self.park(next).await;
+                }
+                tokio::select! {
+                    _ = self.inner.clock.sleep_until(next) => {}
+                    _ = self.cancel.cancelled() => {}
+                }
+                continue;
+            }
+            let sleep = self.next_due().map(|at| self.inner.clock.sleep_until(at));
+            tokio::select! {
+                Some(done) = self.running.join_next() => {
+                    let mut batch = vec![done];
+                    while let Some(more) = self.running.try_join_next() {
+                        batch.push(more);
+                    }
+                    self.complete(batch).await?;
+                }
+                _ = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {}
+                _ = self.cancel.cancelled() => {}
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<i64> {
+        self.steps
+            .iter()
+            .filter(|s| matches!(s.status, Status::Suspended | Status::Backoff))
+            .filter_map(|s| s.due)
+            .min()
+    }
+
+    /// Decides every step that can be decided now: skips, switches, starts.
+    async fn schedule(&mut self) -> Result<(), DriveError> {
+        loop {
+            let mut events = Vec::new();
+            let mut decided_inline = false;
+            let now = self.inner.clock.now_ms();
+            for pos in 0..self.wf.order.len() {
+                let i = self.wf.order[pos];
+                match self.steps[i].status {
+                    Status::Suspended | Status::Backoff if self.steps[i].due.is_some_and(|d| d <= now) => {
+                        if self.failure.is_none() {
+                            self.start(i, &mut events);
+                        }
+                    }
+                    Status::Ready if self.failure.is_none() => self.start(i, &mut events),
+                    Status::Pending if self.failure.is_none() => match self.readiness(i) {
+                        Readiness::Wait => {}
+                        Readiness::Skip(reason) => {
+                            self.steps[i].complete(Status::Skipped, None);
+                            events.push(Event::StepSkipped { step: self.wf.steps[i].id.clone(), reason });
+                        }
+                        Readiness::Go => {
+                            if let Some(reason) = self.when_false(i) {
+                                self.steps[i].complete(Status::Skipped, None);
+                                events.push(Event::StepSkipped { step: self.wf.steps[i].id.clone(), reason });
+                            } else if let StepKind::Switch { .. } = self.wf.steps[i].kind {
+                                self.switch(i, &mut events);
+                                decided_inline = true;
+                            } else {
+                                self.start(i, &mut events);
+                            }
+                        }
+                    },
+                    _ => {}
+                }
+            }
+            if decided_inline {
+                // A switch's choice is committed before the steps it selects start.
+                self.journal.commit(events, None).await?;
+                continue;
+            }
+            self.journal.record(events, None);
+            return Ok(());
+        }
+    }
+
+    fn readiness(&self, i: usize) -> Readiness {
+        let step = &self.wf.steps[i];
+        let mut live = 0;
+        let mut dead = Vec::new();
+        for need in &step.needs {
+            let st = &self.steps[need.step];
+            if !st.status.is_terminal() {
+                return Readiness::Wait;
+            }
+            let need_id = &self.wf.steps[need.step].id;
+            let ok = match st.status {
+                Status::Succeeded | Status::Continued => match &need.path {
+                    None => true,
+                    Some(p) => st.output.as_ref().and_then(|o| o.get("path")).and_then(Value::as_str) == Some(p),
+                },
+                _ => false,
+            };
+            if ok {
+                live += 1;
+            } else {
+                dead.push(match &need.path {
+                    Some(p) if st.status == Status::Succeeded => format!("{need_id} did not take path {p}"),
+                    _ => format!("{need_id} was {}", st.status.name()),
+                });
+            }
+        }
+        match step.join {
+            Join::All if dead.is_empty() => Readiness::Go,
+            Join::Any if live > 0 || step.needs.is_empty() => Readiness::Go,
+            _ => Readiness::Skip(dead.join("; ")),
+        }
+    }
+
+    fn when_false(&mut self, i: usize) -> Option<String> {
+        let when = self.wf.steps[i].when.clone()?;
+        match self.wf.templates.test(&when, &self.context(&[])) {
+            Ok(true) => None,
+            Ok(false) => Some("`when` is false".into()),
+            Err(e) => {
+                // An expression that cannot be evaluated fails the step.
+                let error = StepError::fatal("expression", format!("when: {e}"));
+                self.fail_now(i, error);
+                None
+            }
+        }
+    }
+
+    /// Marks a step failed before it started (bad expression at run time).
+    fn fail_now(&mut self, i: usize, error: StepError) {
+        let id = self.wf.steps[i].id.clone();
+        let attempt = self.steps[i].attempt + 1;
+        self.steps[i].attempt = attempt;
+        let continued = self.wf.steps[i].on_error == OnError::Continue;
+        self.journal.record(
+            vec![
+                Event::StepStarted { step: id.clone(), attempt },
+                Event::StepFailed { step: id.clone(), attempt, error: error.clone(), retry_at: None, continued },
+            ],
+            None,
+        );
+        if continued {
+            self.steps[i].complete(Status::Continued, Some(json!({ "error": error })));
+        } else {
+            self.steps[i].complete(Status::Failed, None);
+            self.failure = Some(step_error(&id, &error));
+        }
+    }
+
+    fn switch(&mut self, i: usize, events: &mut Vec<Event>) {
+        let StepKind::Switch { cases, default } = &self.wf.steps[i].kind else { return };
+        let ctx = self.context(&[]);
+        let mut chosen = None;
+        for (when, path) in cases {
+            match self.wf.templates.test(when, &ctx) {
+                Ok(true) => {
+                    chosen = Some(path.clone());
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    let error = StepError::fatal("expression", format!("switch case `{path}`: {e}"));
+                    self.fail_now(i, error);
+                    return;
+                }
+            }
+        }
+        let chosen = chosen.or_else(|| default.clone());
+        let id = self.wf.steps[i].id.clone();
+        let attempt = self.steps[i].attempt + 1;
+        self.steps[i].attempt = attempt;
+        let output = json!({ "path": chosen });
+        events.push(Event::StepStarted { step: id.clone(), attempt });
+        events.push(Event::StepSucceeded { step: id, attempt, output: output.clone() });
+        self.steps[i].complete(Status::Succeeded, Some(output));
+    }
+
+    /// Starts an attempt of step `i` (or wakes a suspended one).
+    fn start(&mut self, i: usize, events: &mut Vec<Event>) {
+        let step = &self.wf.steps[i];
+        let id = step.id.clone();
+        let st = &mut self.steps[i];
+        let waking = st.status == Status::Suspended;
+        if !waking {
+            st.attempt += 1;
+            events.push(Event::StepStarted { step: id.clone(), attempt: st.attempt });
+        }
+        st.status = Status::Running;
+        st.due = None;
+        let attempt = st.attempt;
+        let replay = st.ops.clone();
+        let ctx_value = self.context(&[]);
+        let ctx = StepContext::new(
+            self.run_id.clone(),
+            id.clone(),
+            attempt,
+            format!("{}/{}", self.run_id, id),
+            self.inner.clock.clone(),
+            self.cancel.child_token(),
+            replay,
+            Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt }),
+        );
+        let work = match self.prepare(i, &ctx_value) {
+            Ok(work) => work,
+            Err(error) => {
+                // Rendering failed: the attempt fails without running.
+                self.running.spawn(async move { (i, attempt, Err(Stop::Error(error))) });
+                return;
+            }
+        };
+        let timeout = step.timeout;
+        let clock = self.inner.clock.clone();
+        let inner = self.inner.clone();
+        self.running.spawn(async move {
+            let started = clock.now_ms();
+            let result = match timeout {
+                None => work.run(inner, ctx).await,
+                Some(limit) => {
+                    let deadline = started.saturating_add(limit.as_millis() as i64);
+                    tokio::select! {
+                        r = work.run(inner, ctx) => r,
+                        _ = clock.sleep_until(deadline) => Err(Stop::Error(StepError::retryable(
+                            "timeout",
+                            format!("attempt did not finish within {}", humantime::format_duration(limit)),
+                        ))),
+                    }
+                }
+            };
+            (i, attempt, result)
+        });
+    }
+
+    fn prepare(&self, i: usize, ctx: &MjValue) -> Result<Work, StepError> {
+        let render_err = |e: expr::EvalError| StepError::fatal("expression", e.0);
+        let wf = &self.wf;
+        Ok(match &wf.steps[i].kind {
+            StepKind::Action { step, with } => {
+                Work::Action { step: step.clone(), with: wf.templates.render(with, ctx).map_err(render_err)? }
+            }
+            StepKind::Call { child, input } => Work::Call {
+                child: child.clone(),
+                input: wf.templates.render(input, ctx).map_err(render_err)?,
+                parent: self.child_parent(),
+            },
+            StepKind::Map { items, concurrency, input, child } => {
+                let items = match wf.templates.render(items, ctx).map_err(render_err)? {
+                    Value::Array(items) => items,
+                    other => {
+                        return Err(StepError::fatal(
+                            "map_items",
+                            format!("`items` must be a list, got {}", type_name(&other)),
+                        ));
+                    }
+                };
+                let inputs = items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, item)| match input {
+                        None => Ok(json!({ "item": item, "index": index })),
+                        Some(tpl) => {
+                            let ctx = self.context(&[("item", expr::from_json(&item)), ("index", MjValue::from(index))]);
+                            wf.templates.render(tpl, &ctx).map_err(render_err)
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Work::Map {
+                    child: child.clone(),
+                    inputs,
+                    concurrency: *concurrency,
+                    parent: self.child_parent(),
+                }
+            }
+            StepKind::Switch { .. } => unreachable!("switches are decided inline"),
+        })
+    }
+
+    fn child_parent(&self) -> child::Parent {
+        child::Parent {
+            run: self.run_id.clone(),
+            definition: self.definition.clone(),
+            fence: self.journal.fence().clone(),
+        }
+    }
+
+    /// Journals finished attempts (one commit for all of them), then updates
+    /// state so that dependents can start.
+    async fn complete(&mut self, batch: Vec<Result<Done, tokio::task::JoinError>>) -> Result<(), DriveError> {
+        let now = self.inner.clock.now_ms();
+        let mut events = Vec::with_capacity(batch.len());
+        let mut changes = Vec::with_capacity(batch.len());
+        for done in batch {
+            let (i, attempt, result) = match done {
+                Ok(done) => done,
+                Err(e) if e.is_cancelled() => continue,
+                Err(e) => {
+                    tracing::error!(run = %self.run_id, error = %e, "a step task panicked");
+                    return Err(DriveError::Invalid(self.run_id.clone(), format!("a step task panicked: {e}")));
+                }
+            };
+            let step = &self.wf.steps[i];
+            let id = step.id.clone();
+            match result {
+                Ok(output) => {
+                    events.push(Event::StepSucceeded { step: id, attempt, output: output.clone() });
+                    changes.push((i, Status::Succeeded, Some(output), None));
+                }
+                Err(Stop::Suspend { until_ms }) => {
+                    events.push(Event::StepSuspended { step: id, attempt, until: until_ms });
+                    changes.push((i, Status::Suspended, None, Some(until_ms)));
+                }
+                Err(Stop::Error(error)) => {
+                    let used = attempt.saturating_sub(self.steps[i].budget_start);
+                    if error.retryable && used < step.retry.max_attempts && !self.cancel.is_cancelled() {
+                        let delay = step.retry.delay(used, rand::random::<f64>());
+                        let at = now.saturating_add(delay.as_millis() as i64);
+                        events.push(Event::StepFailed { step: id, attempt, error, retry_at: Some(at), continued: false });
+                        changes.push((i, Status::Backoff, None, Some(at)));
+                    } else if step.on_error == OnError::Continue {
+                        let output = json!({ "error": error });
+                        events.push(Event::StepFailed { step: id, attempt, error, retry_at: None, continued: true });
+                        changes.push((i, Status::Continued, Some(output), None));
+                    } else {
+                        if self.failure.is_none() {
+                            self.failure = Some(step_error(&id, &error));
+                        }
+                        events.push(Event::StepFailed { step: id, attempt, error, retry_at: None, continued: false });
+                        changes.push((i, Status::Failed, None, None));
+                    }
+                }
+            }
+        }
+        self.journal.commit(events, None).await?;
+        for (i, status, output, due) in changes {
+            let st = &mut self.steps[i];
+            match status {
+                Status::Suspended | Status::Backoff => {
+                    st.status = status;
+                    st.due = due;
+                    if status == Status::Backoff {
+                        st.ops.clear();
+                    }
+                }
+                _ => st.complete(status, output),
+            }
+        }
+        Ok(())
+    }
+
+    async fn park(self, wake_at: i64) -> Result<Outcome, DriveError> {
+        let update = RunUpdate {
+            status: Some(RunStatus::Waiting),
+            wake_at: Some(wake_at),
+            release: self.is_root,
+            ..Default::default()
+        };
+        self.journal.commit(vec![Event::RunParked { wake_at }], Some(update)).await?;
+        Ok(Outcome::Parked { wake_at })
+    }
+
+    async fn finish(mut self) -> Result<Outcome, DriveError> {
+        let (status, output, error) = match self.failure.take() {
+            Some(error) => (RunStatus::Failed, None, Some(error)),
+            None => {
+                let ctx = self.context(&[]);
+                let output = match &self.wf.output {
+                    Some(tpl) => self.wf.templates.render(tpl, &ctx),
+                    None => Ok(self.default_output()),
+                };
+                match output {
+                    Ok(v) => (RunStatus::Succeeded, Some(v), None),
+                    Err(e) => (RunStatus::Failed, None, Some(StepError::fatal("output", format!("output: {}", e.0)))),
+                }
+            }
+        };
+        self.finish_with(status, output, error).await
+    }
+
+    async fn finish_cancelled(mut self) -> Result<Outcome, DriveError> {
+        self.running.abort_all();
+        while self.running.join_next().await.is_some() {}
+        let error = StepError::fatal("cancelled", "the run was cancelled");
+        self.finish_with(RunStatus::Cancelled, None, Some(error)).await
+    }
+
+    async fn finish_with(
+        self,
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<StepError>,
+    ) -> Result<Outcome, DriveError> {
+        let update = RunUpdate {
+            status: Some(status),
+            output: output.clone(),
+            error: error.clone(),
+            wake_at: None,
+            release: self.is_root,
+        };
+        let event = Event::RunFinished { status, output: output.clone(), error: error.clone() };
+        self.journal.commit(vec![event], Some(update)).await?;
+        Ok(Outcome::Finished { status, output, error })
+    }
+
+    /// Without `output`, a run's result is the outputs of the steps nothing
+    /// depends on, by id.
+    fn default_output(&self) -> Value {
+        let leaves: serde_json::Map<String, Value> = self
+            .wf
+            .steps
+            .iter()
+            .zip(&self.steps)
+            .filter(|(spec, st)| spec.dependents.is_empty() && st.status == Status::Succeeded)
+            .map(|(spec, st)| (spec.id.clone(), st.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        Value::Object(leaves)
+    }
+}
+
+enum Readiness {
+    Wait,
+    Go,
+    Skip(String),
+}
+
+fn step_error(step: &str, error: &StepError) -> StepError {
+    StepError { code: error.code.clone(), message: format!("step {step}: {}", error.message), retryable: false }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// What a started attempt does, prepared (rendered) by the driver.
+enum Work {
+    Action { step: Arc<dyn switchyard_steps::DynStep>, with: Value },
+    Call { child: Arc<Workflow>, input: Value, parent: child::Parent },
+    Map { child: Arc<Workflow>, inputs: Vec<Value>, concurrency: usize, parent: child::Parent },
+}
+
+impl Work {
+    async fn run(self, inner: Arc<Inner>, mut ctx: StepContext) -> StepResult {
+        match self {
+            Work::Action { step, with } => step.run(with, &mut ctx).await,
+            Work::Call { child, input, parent } => {
+                let id = format!("{}/{}", parent.run, ctx.step_id());
+                child::run_child(&inner, &parent, id, child, input, &ctx).await
+            }
+            Work::Map { child, inputs, concurrency, parent } => {
+                child::run_map(&inner, &parent, child, inputs, concurrency, &ctx).await
+            }
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! The engine: accepts runs, drives them durably, parks and wakes them, and
+//! lets them be cancelled or resumed.
+//!
+//! Built from [`EngineOptions`] by [`Engine::start`] and reached through the
+//! cheap, cloneable [`Engine`] handle. Background tasks: the group-commit
+//! writer, the timer that wakes parked runs, lease renewal, and a slow poll
+//! (cancel requests from other processes; in worker mode, runs to pick up).
+//! None of them is on the hot path: a step's completion starts its dependents
+//! directly.
+
+mod child;
+mod driver;
+mod journal_handle;
+mod writer;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use switchyard_steps::{Clock, Registry, StepError};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::compile::{self, CompileErrors};
+use crate::journal::{Event, RunStatus};
+use crate::store::{self, Fence, NewRun, RunRecord, RunUpdate, Store, Write};
+use crate::workflow::Definition;
+use driver::{DriveError, Driver, Outcome, RunRef};
+pub use writer::CommitError;
+use writer::Writer;
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Root runs executing at once; more queue (FIFO).
+    pub max_concurrent_runs: usize,
+    /// How long a claim on a run lasts without renewal.
+    pub lease: Duration,
+    /// How often to look for cancel requests and (worker) runs to pick up.
+    pub poll_interval: Duration,
+    /// A run whose next timer is further away than this parks: no task, no
+    /// lease. Shorter waits stay in memory.
+    pub park_after: Duration,
+    /// Pick up unfinished runs from the store (the `worker` command).
+    pub worker: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            max_concurrent_runs: 256,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            park_after: Duration::from_secs(5),
+            worker: false,
+        }
+    }
+}
+
+/// The end of a root run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    pub id: String,
+    pub status: RunStatus,
+    pub output: Option<Value>,
+    pub error: Option<StepError>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error("invalid input:\n{}", .0.join("\n"))]
+    InvalidInput(Vec<String>),
+    #[error("no run {0:?}")]
+    NotFound(String),
+    #[error("stored definition no longer compiles:\n{0}")]
+    Definition(CompileErrors),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("run {0}: {1}")]
+    Interrupted(String, String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What `cancel` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The run was stopped here.
+    Done,
+    /// Another process drives the run; it stops at its next poll.
+    Requested,
+    AlreadyFinished(RunStatus),
+}
+
+type Waiter = oneshot::Sender<Result<RunOutcome, String>>;
+
+pub(crate) struct Inner {
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub clock: Arc<dyn Clock>,
+    pub node: String,
+    pub options: EngineOptions,
+    pub writer: Writer,
+    definitions: Mutex<HashMap<String, Arc<Definition>>>,
+    global: Arc<Semaphore>,
+    per_workflow: Mutex<HashMap<String, Arc<Semaphore>>>,
+    waiters: Mutex<HashMap<String, Vec<Waiter>>>,
+    active: Mutex<HashMap<String, CancellationToken>>,
+    timers: Mutex<BTreeSet<(i64, String)>>,
+    timer_changed: Notify,
+    shutdown: CancellationToken,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    pub fn start(store: Arc<dyn Store>, registry: Registry, clock: Arc<dyn Clock>, options: EngineOptions) -> Self {
+        let node = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
+        let writer = Writer::start(store.clone(), node.clone(), clock.clone());
+        let inner = Arc::new(Inner {
+            global: Arc::new(Semaphore::new(options.max_concurrent_runs.max(1))),
+            store,
+            registry,
+            clock,
+            node,
+            options,
+            writer,
+            definitions: Mutex::default(),
+            per_workflow: Mutex::default(),
+            waiters: Mutex::default(),
+            active: Mutex::default(),
+            timers: Mutex::default(),
+            timer_changed: Notify::new(),
+            shutdown: CancellationToken::new(),
+        });
+        tokio::spawn(timer_loop(inner.clone()));
+        tokio::spawn(lease_loop(inner.clone()));
+        tokio::spawn(poll_loop(inner.clone()));
+        Self { inner }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Starts a run and returns its id once the start is durable.
+    pub async fn submit(&self, def: &Definition, input: Value) -> Result<String> {
+        def.workflow.check_input(&input).map_err(Error::InvalidInput)?;
+        let inner = &self.inner;
+        let def = inner.remember(def).await?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = inner.clock.now_ms();
+        let wf = &def.workflow;
+        let run = NewRun {
+            id: id.clone(),
+            root_id: id.clone(),
+            parent_id: None,
+            workflow: wf.name().to_owned(),
+            version: wf.version(),
+            definition: def.hash.clone(),
+            status: RunStatus::Queued,
+            input: input.clone(),
+            owner: Some(inner.node.clone()),
+            epoch: 1,
+            lease_until: Some(now + inner.options.lease.as_millis() as i64),
+            idempotency_key: None,
+        };
+        let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
+        inner.writer.commit(Write::Create { fence: None, run, events: vec![(now, started)] }).await?;
+        dispatch(inner, id.clone(), 1, def);
+        Ok(id)
+    }
+
+    /// Waits for a root run to finish.
+    pub async fn wait(&self, id: &str) -> Result<RunOutcome> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.waiters.lock().expect("waiters").entry(id.to_owned()).or_default().push(tx);
+        let record = self.inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        if record.status.is_finished() {
+            return Ok(outcome(&record));
+        }
+        match rx.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(reason)) => Err(Error::Interrupted(id.to_owned(), reason)),
+            Err(_) => Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
+        }
+    }
+
+    /// Submits and waits.
+    pub async fn run(&self, def: &Definition, input: Value) -> Result<RunOutcome> {
+        let id = self.submit(def, input).await?;
+        self.wait(&id).await
+    }
+
+    /// Cancels a run: stops its running steps and ends it `cancelled`.
+    pub async fn cancel(&self, id: &str) -> Result<Cancelled> {
+        let inner = &self.inner;
+        let record = inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        if record.parent_id.is_some() {
+            return Err(Error::Conflict(format!("{id} is a child run; cancel its root run {}", record.root_id)));
+        }
+        if record.status.is_finished() {
+            return Ok(Cancelled::AlreadyFinished(record.status));
+        }
+        if let Some(token) = inner.active.lock().expect("active").get(id) {
+            token.cancel();
+            return Ok(Cancelled::Requested);
+        }
+        let now = inner.clock.now_ms();
+        inner.store.request_cancel(id, now).await?;
+        let Some(epoch) = inner.store.claim(id, &inner.node, now, inner.lease_until(), false).await? else {
+            return Ok(Cancelled::Requested);
+        };
+        // Nobody drives it (parked, queued elsewhere, or its node died): end it here.
+        inner.timers.lock().expect("timers").retain(|(_, r)| r != id);
+        let fence = Fence { root: id.to_owned(), epoch };
+        let error = StepError::fatal("cancelled", "the run was cancelled");
+        for run in inner.unfinished_tree(&record).await? {
+            let is_root = run.id == id;
+            let update = RunUpdate {
+                status: Some(RunStatus::Cancelled),
+                error: Some(error.clone()),
+                release: is_root,
+                ..Default::default()
+            };
+            let event = Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) };
+            inner.append(&fence, &run.id, vec![event], update).await?;
+        }
+        inner.notify(id, Ok(RunOutcome { id: id.to_owned(), status: RunStatus::Cancelled, output: None, error: Some(error) }));
+        Ok(Cancelled::Done)
+    }
+
+    /// Continues a failed run from its failed steps (completed steps keep
+    /// their outputs), or takes over an unfinished run nobody drives.
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        let inner = &self.inner;
+        let record = inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+        if record.parent_id.is_some() {
+            return Err(Error::Conflict(format!("{id} is a child run; resume its root run {}", record.root_id)));
+        }
+        if matches!(record.status, RunStatus::Succeeded | RunStatus::Cancelled) {
+            return Err(Error::Conflict(format!("run {id} is {}; only failed or unfinished runs can be resumed", record.status)));
+        }
+        if inner.active.lock().expect("active").contains_key(id) {
+            return Err(Error::Conflict(format!("run {id} is already running here")));
+        }
+        let now = inner.clock.now_ms();
+        let Some(epoch) = inner.store.claim(id, &inner.node, now, inner.lease_until(), true).await? else {
+            return Err(Error::Conflict(format!("run {id} is being run by another process (its lease is live)")));
+        };
+        let def = inner.definition(&record.definition).await?;
+        if record.status == RunStatus::Failed {
+            let fence = Fence { root: id.to_owned(), epoch };
+            let mut failed = inner.failed_tree(&record).await?;
+            // Children first, so a parent never sees a half-resumed child.
+            failed.reverse();
+            for run in failed {
+                let update = RunUpdate { status: Some(RunStatus::Running), ..Default::default() };
+                inner.append(&fence, &run.id, vec![Event::RunResumed], update).await?;
+            }
+        }
+        inner.timers.lock().expect("timers").retain(|(_, r)| r != id);
+        dispatch(inner, id.to_owned(), epoch, def);
+        Ok(())
+    }
+
+    /// True when nothing runs here and no unfinished run is left in the store.
+    pub async fn is_idle(&self) -> Result<bool> {
+        if !self.inner.active.lock().expect("active").is_empty() {
+            return Ok(false);
+        }
+        Ok(self.inner.store.runs(Some(RunStatus::Running), false, 1).await?.is_empty()
+            && self.inner.store.runs(Some(RunStatus::Queued), false, 1).await?.is_empty()
+            && self.inner.store.runs(Some(RunStatus::Waiting), false, 1).await?.is_empty())
+    }
+
+    /// Stops background work and gives up leases so another process can
+    /// continue this node's runs at once.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let tokens: Vec<_> = self.inner.active.lock().expect("active").drain().map(|(_, t)| t).collect();
+        drop(tokens);
+        if let Err(e) = self.inner.store.release_all(&self.inner.node).await {
+            tracing::warn!(error = %e, "releasing leases on shutdown");
+        }
+    }
+}
+
+fn outcome(r: &RunRecord) -> RunOutcome {
+    RunOutcome { id: r.id.clone(), status: r.status, output: r.output.clone(), error: r.error.clone() }
+}
+
+impl Inner {
+    fn lease_until(&self) -> i64 {
+        self.clock.now_ms() + self.options.lease.as_millis() as i64
+    }
+
+    /// Stores a definition (once) and caches it compiled.
+    async fn remember(&self, def: &Definition) -> Result<Arc<Definition>> {
+        if let Some(known) = self.definitions.lock().expect("definitions").get(&def.hash) {
+            return Ok(known.clone());
+        }
+        let wf = &def.workflow;
+        self.store.put_definition(&def.hash, wf.name(), wf.version(), &def.bundle, self.clock.now_ms()).await?;
+        let def = Arc::new(def.clone());
+        self.definitions.lock().expect("definitions").insert(def.hash.clone(), def.clone());
+        Ok(def)
+    }
+
+    /// A stored definition, compiled (cached).
+    async fn definition(&self, hash: &str) -> Result<Arc<Definition>> {
+        if let Some(known) = self.definitions.lock().expect("definitions").get(hash) {
+            return Ok(known.clone());
+        }
+        let bundle = self.store.definition(hash).await?;
+        let def = Arc::new(compile::compile_bundle(&bundle, &self.registry).map_err(Error::Definition)?);
+        self.definitions.lock().expect("definitions").insert(hash.to_owned(), def.clone());
+        Ok(def)
+    }
+
+    async fn append(&self, fence: &Fence, run: &str, events: Vec<Event>, update: RunUpdate) -> Result<()> {
+        let first_seq = self.store.journal(run).await?.last().map(|e| e.seq + 1).unwrap_or(0);
+        let now = self.clock.now_ms();
+        let write = Write::Append {
+            fence: fence.clone(),
+            run: run.to_owned(),
+            first_seq,
+            events: events.into_iter().map(|e| (now, e)).collect(),
+            update: Some(update),
+        };
+        Ok(self.writer.commit(write).await?)
+    }
+
+    /// The run and its descendants that have not finished, parents first.
+    async fn unfinished_tree(&self, root: &RunRecord) -> Result<Vec<RunRecord>> {
+        self.tree(root, |r| !r.status.is_finished()).await
+    }
+
+    /// The run and its descendants that failed, parents first.
+    async fn failed_tree(&self, root: &RunRecord) -> Result<Vec<RunRecord>> {
+        self.tree(root, |r| r.status == RunStatus::Failed).await
+    }
+
+    async fn tree(&self, root: &RunRecord, keep: impl Fn(&RunRecord) -> bool) -> Result<Vec<RunRecord>> {
+        let mut out = Vec::new();
+        let mut queue = vec![root.clone()];
+        while let Some(run) = queue.pop() {
+            queue.extend(self.store.children(&run.id).await?);
+            if keep(&run) {
+                out.push(run);
+            }
+        }
+        Ok(out)
+    }
+
+    fn notify(&self, id: &str, result: Result<RunOutcome, String>) {
+        let waiters = self.waiters.lock().expect("waiters").remove(id).unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+
+    fn add_timer(&self, at: i64, id: String) {
+        let mut timers = self.timers.lock().expect("timers");
+        if timers.iter().any(|(_, r)| *r == id) {
+            return;
+        }
+        timers.insert((at, id));
+        drop(timers);
+        self.timer_changed.notify_one();
+    }
+
+    fn workflow_permits(&self, def: &Definition) -> Option<Arc<Semaphore>> {
+        let limit = def.workflow.concurrency()? as usize;
+        let mut map = self.per_workflow.lock().expect("per_workflow");
+        Some(map.entry(def.workflow.name().to_owned()).or_insert_with(|| Arc::new(Semaphore::new(limit))).clone())
+    }
+}
+
+/// Starts driving a claimed root run (after its concurrency slots are free).
+fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>) {
+    let token = inner.shutdown.child_token();
+    {
+        let mut active = inner.active.lock().expect("active");
+        if active.contains_key(&id) {
+            return;
+        }
+        active.insert(id.clone(), token.clone());
+    }
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let global = inner.global.clone().acquire_owned().await;
+        let per_workflow = match inner.workflow_permits(&def) {
+            Some(s) => Some(s.acquire_owned().await),
+            None => None,
+        };
+        let run = RunRef {
+            id: id.clone(),
+            is_root: true,
+            definition: def.hash.as_str().into(),
+            fence: Fence { root: id.clone(), epoch },
+        };
+        let result = async {
+            let driver = Driver::load(inner.clone(), run, def.workflow.clone(), token.clone()).await?;
+            driver.drive().await
+        }
+        .await;
+        drop((global, per_workflow));
+        inner.active.lock().expect("active").remove(&id);
+        match result {
+            Ok(Outcome::Finished { status, output, error }) => {
+                inner.notify(&id, Ok(RunOutcome { id: id.clone(), status, output, error }));
+            }
+            Ok(Outcome::Parked { wake_at }) => inner.add_timer(wake_at, id),
+            Err(DriveError::Commit(CommitError::Fenced(_))) => {
+                tracing::warn!(run = %id, "lease lost; another node continues the run");
+                inner.notify(&id, Err("its lease was lost; another process continues it".into()));
+            }
+            Err(e) if token.is_cancelled() && inner.shutdown.is_cancelled() => {
+                tracing::info!(run = %id, error = %e, "stopped by shutdown");
+            }
+            Err(e) => {
+                tracing::error!(run = %id, error = %e, "run stopped by an engine error; resume it later");
+                inner.notify(&id, Err(e.to_string()));
+            }
+        }
+    });
+}
+
+/// Claims a run found in the store and drives it.
+async fn pick_up(inner: &Arc<Inner>, id: &str) -> Result<()> {
+    if inner.active.lock().expect("active").contains_key(id) {
+        return Ok(());
+    }
+    let Some(epoch) = inner.store.claim(id, &inner.node, inner.clock.now_ms(), inner.lease_until(), false).await? else {
+        return Ok(());
+    };
+    let Some(record) = inner.store.run(id).await? else { return Ok(()) };
+    let def = inner.definition(&record.definition).await?;
+    tracing::info!(run = %id, workflow = %record.workflow, "picking up run");
+    dispatch(inner, id.to_owned(), epoch, def);
+    Ok(())
+}
+
+async fn timer_loop(inner: Arc<Inner>) {
+    loop {
+        let next = inner.timers.lock().expect("timers").first().cloned();
+        let changed = inner.timer_changed.notified();
+        match next {
+            Some((at, id)) if at <= inner.clock.now_ms() => {
+                inner.timers.lock().expect("timers").remove(&(at, id.clone()));
+                if let Err(e) = pick_up(&inner, &id).await {
+                    tracing::error!(run = %id, error = %e, "waking run");
+                }
+                continue;
+            }
+            Some((at, _)) => {
+                tokio::select! {
+                    _ = inner.clock.sleep_until(at) => {}
+                    _ = changed => {}
+                    _ = inner.shutdown.cancelled() => return,
+                }
+            }
+            None => {
+                tokio::select! {
+                    _ = changed => {}
+                    _ = inner.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn lease_loop(inner: Arc<Inner>) {
+    let every = (inner.options.lease / 3).max(Duration::from_millis(10));
+    loop {
+        let at = inner.clock.now_ms() + every.as_millis() as i64;
+        tokio::select! {
+            _ = inner.clock.sleep_until(at) => {}
+            _ = inner.shutdown.cancelled() => return,
+        }
+        if let Err(e) = inner.store.renew(&inner.node, inner.lease_until()).await {
+            tracing::warn!(error = %e, "renewing leases");
+        }
+    }
+}
+
+async fn poll_loop(inner: Arc<Inner>) {
+    loop {
+        if let Err(e) = poll_once(&inner).await {
+            tracing::warn!(error = %e, "polling the store");
+        }
+        // Real time, not the engine clock: this is housekeeping cadence.
+        tokio::select! {
+            _ = tokio::time::sleep(inner.options.poll_interval) => {}
+            _ = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
+    for id in inner.store.cancel_requests(&inner.node).await? {
+        if let Some(token) = inner.active.lock().expect("active").get(&id) {
+            token.cancel();
+        }
+    }
+    if !inner.options.worker {
+        return Ok(());
+    }
+    let now = inner.clock.now_ms();
+    for run in inner.store.claimable(now, 256).await? {
+        match run.wake_at {
+            Some(at) if run.status == RunStatus::Waiting && at > now => inner.add_timer(at, run.id),
+            _ => pick_up(inner, &run.id).await?,
+        }
+    }
+    Ok(())
+}

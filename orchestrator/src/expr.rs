@@ -1,0 +1,280 @@
+//! Expressions and templates (minijinja, sandboxed).
+//!
+//! Templates and expressions come only from workflow files and are parsed at
+//! compile time. Values from inputs and step outputs are passed as data in the
+//! context and are never rendered as templates. The environment has no loader,
+//! no file or network access, and a fuel limit so that no expression can loop
+//! for long.
+//!
+//! A *value template* is any JSON value whose strings may contain template
+//! syntax. A string that is exactly one `{{ expression }}` evaluates to the
+//! expression's value with its JSON type (a number stays a number); any other
+//! string containing `{{`/`{%` renders to a string.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value as MjValue};
+use serde_json::Value;
+
+/// Instructions one evaluation may spend before it is stopped.
+const FUEL: u64 = 200_000;
+
+/// Names a template may read besides the ones the compiler allows per place.
+const GLOBALS: [&str; 4] = ["range", "dict", "namespace", "debug"];
+
+/// Owns the parsed templates of one workflow.
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Templates")
+    }
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(64);
+        Self { env }
+    }
+}
+
+/// A parsed expression (kept as source; parsing is microseconds).
+#[derive(Debug, Clone)]
+pub struct Expr {
+    source: Arc<str>,
+}
+
+/// A JSON value with templates inside.
+#[derive(Debug, Clone)]
+pub enum ValueTemplate {
+    Literal(Value),
+    /// A string that is exactly `{{ expr }}`: evaluates to a typed value.
+    Expr(Expr),
+    /// A string with template syntax: renders to a string. Holds the name the
+    /// template is registered under.
+    Text(Arc<str>),
+    Array(Vec<ValueTemplate>),
+    Object(Vec<(String, ValueTemplate)>),
+}
+
+/// Variables a template reads, as dotted paths (`steps.fetch.output`).
+pub type Refs = BTreeSet<String>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EvalError(pub String);
+
+fn describe(e: &minijinja::Error) -> String {
+    let mut text = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        text.push_str(": ");
+        text.push_str(detail);
+    }
+    text
+}
+
+impl Templates {
+    /// Parses an expression, returning it with the variables it reads.
+    pub fn expr(&self, source: &str) -> Result<(Expr, Refs), String> {
+        let compiled = self.env.compile_expression(source).map_err(|e| describe(&e))?;
+        let refs = filter_globals(compiled.undeclared_variables(true));
+        Ok((Expr { source: source.into() }, refs))
+    }
+
+    /// Parses a value template; `place` names it (and its template strings).
+    pub fn value(&mut self, place: &str, value: &Value) -> Result<(ValueTemplate, Refs), Vec<(String, String)>> {
+        let mut refs = Refs::new();
+        let mut errors = Vec::new();
+        let tpl = self.value_inner(place, value, &mut refs, &mut errors);
+        if errors.is_empty() { Ok((tpl, refs)) } else { Err(errors) }
+    }
+
+    fn value_inner(
+        &mut self,
+        place: &str,
+        value: &Value,
+        refs: &mut Refs,
+        errors: &mut Vec<(String, String)>,
+    ) -> ValueTemplate {
+        match value {
+            Value::String(s) if s.contains("{{") || s.contains("{%") || s.contains("{#") => {
+                if let Some(inner) = pure_expression(s) {
+                    match self.expr(inner) {
+                        Ok((e, r)) => {
+                            refs.extend(r);
+                            ValueTemplate::Expr(e)
+                        }
+                        Err(m) => {
+                            errors.push((place.to_owned(), m));
+                            ValueTemplate::Literal(Value::Null)
+                        }
+                    }
+                } else {
+                    match self.env.add_template_owned(place.to_owned(), s.clone()) {
+                        Ok(()) => {
+                            let t = self.env.get_template(place).expect("just added");
+                            refs.extend(filter_globals(t.undeclared_variables(true)));
+                            ValueTemplate::Text(place.into())
+                        }
+                        Err(e) => {
+                            errors.push((place.to_owned(), describe(&e)));
+                            ValueTemplate::Literal(Value::Null)
+                        }
+                    }
+                }
+            }
+            Value::Array(items) => ValueTemplate::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| self.value_inner(&format!("{place}[{i}]"), v, refs, errors))
+                    .collect(),
+            ),
+            Value::Object(map) => ValueTemplate::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), self.value_inner(&format!("{place}.{k}"), v, refs, errors)))
+                    .collect(),
+            ),
+            other => ValueTemplate::Literal(other.clone()),
+        }
+    }
+
+    /// Evaluates an expression to JSON.
+    pub fn eval(&self, expr: &Expr, ctx: &MjValue) -> Result<Value, EvalError> {
+        let compiled = self
+            .env
+            .compile_expression(&expr.source)
+            .map_err(|e| EvalError(describe(&e)))?;
+        let value = compiled
+            .eval(ctx)
+            .map_err(|e| EvalError(format!("`{}`: {}", expr.source, describe(&e))))?;
+        to_json(&value).map_err(|e| EvalError(format!("`{}`: {e}", expr.source)))
+    }
+
+    /// Evaluates an expression as a condition (jinja truthiness).
+    pub fn test(&self, expr: &Expr, ctx: &MjValue) -> Result<bool, EvalError> {
+        let compiled = self
+            .env
+            .compile_expression(&expr.source)
+            .map_err(|e| EvalError(describe(&e)))?;
+        compiled
+            .eval(ctx)
+            .map(|v| v.is_true())
+            .map_err(|e| EvalError(format!("`{}`: {}", expr.source, describe(&e))))
+    }
+
+    /// Renders a value template to JSON.
+    pub fn render(&self, tpl: &ValueTemplate, ctx: &MjValue) -> Result<Value, EvalError> {
+        Ok(match tpl {
+            ValueTemplate::Literal(v) => v.clone(),
+            ValueTemplate::Expr(e) => self.eval(e, ctx)?,
+            ValueTemplate::Text(name) => {
+                let t = self.env.get_template(name).map_err(|e| EvalError(describe(&e)))?;
+                Value::String(t.render(ctx).map_err(|e| EvalError(format!("{name}: {}", describe(&e))))?)
+            }
+            ValueTemplate::Array(items) => {
+                Value::Array(items.iter().map(|i| self.render(i, ctx)).collect::<Result<_, _>>()?)
+            }
+            ValueTemplate::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.render(v, ctx)?)))
+                    .collect::<Result<_, EvalError>>()?,
+            ),
+        })
+    }
+}
+
+impl ValueTemplate {
+    /// The value with template strings left as written, for compile-time
+    /// config checks.
+    pub fn is_literal(&self) -> bool {
+        matches!(self, ValueTemplate::Literal(_))
+    }
+}
+
+fn filter_globals(vars: std::collections::HashSet<String>) -> Refs {
+    vars.into_iter()
+        .filter(|v| !GLOBALS.contains(&v.split('.').next().unwrap_or_default()))
+        .collect()
+}
+
+/// `"{{ a.b }}"` -> `Some("a.b")` when the string is one expression block.
+fn pure_expression(s: &str) -> Option<&str> {
+    let inner = s.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix('-').unwrap_or(inner);
+    let inner = inner.strip_suffix('-').unwrap_or(inner);
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") {
+        return None;
+    }
+    Some(inner.trim())
+}
+
+/// JSON -> template value.
+pub fn from_json(value: &Value) -> MjValue {
+    MjValue::from(minijinja::value::Serde(value))
+}
+
+/// Template value -> JSON. Undefined becomes an error, `none` null.
+pub fn to_json(value: &MjValue) -> Result<Value, String> {
+    if value.is_undefined() {
+        return Err("value is undefined".into());
+    }
+    serde_json::to_value(value).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> MjValue {
+        from_json(&json!({"input": {"n": 2, "name": "db"}, "steps": {"a": {"output": [1, 2], "status": "succeeded"}}}))
+    }
+
+    #[test]
+    fn pure_expressions_keep_their_type() {
+        let mut t = Templates::default();
+        let (tpl, refs) = t
+            .value("with", &json!({"n": "{{ input.n + 1 }}", "s": "host {{ input.name }}", "l": ["{{ steps.a.output }}", 3]}))
+            .unwrap();
+        assert_eq!(refs, Refs::from(["input.n".into(), "input.name".into(), "steps.a.output".into()]));
+        let out = t.render(&tpl, &ctx()).unwrap();
+        assert_eq!(out, json!({"n": 3, "s": "host db", "l": [[1, 2], 3]}));
+    }
+
+    #[test]
+    fn data_is_never_rendered_as_a_template() {
+        let mut t = Templates::default();
+        let (tpl, _) = t.value("v", &json!("{{ input.name }}!")).unwrap();
+        let evil = from_json(&json!({"input": {"name": "{{ 7 * 7 }}"}}));
+        assert_eq!(t.render(&tpl, &evil).unwrap(), json!("{{ 7 * 7 }}!"));
+    }
+
+    #[test]
+    fn syntax_errors_name_their_place_and_runaway_loops_stop() {
+        let mut t = Templates::default();
+        let errors = t.value("steps[1].with", &json!({"x": "{{ input. }}", "y": "{% for %}"})).unwrap_err();
+        assert_eq!(errors.len(), 2);
+        assert_eq!(errors[0].0, "steps[1].with.x");
+        assert!(t.expr("a ==").is_err());
+        let (tpl, _) = t.value("loop", &json!("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}")).unwrap();
+        assert!(t.render(&tpl, &ctx()).unwrap_err().0.contains("fuel"));
+    }
+
+    #[test]
+    fn strict_undefined_is_an_error() {
+        let t = Templates::default();
+        let (e, _) = t.expr("input.missing").unwrap();
+        assert!(t.eval(&e, &ctx()).is_err());
+        let (e, _) = t.expr("input.missing is defined").unwrap();
+        assert_eq!(t.test(&e, &ctx()).unwrap(), false);
+    }
+}

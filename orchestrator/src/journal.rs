@@ -1,0 +1,137 @@
+//! The journal: what happened in a run, one event per state change. This
+//! enum is the single vocabulary that the store persists and that telemetry
+//! and the audit trail will mirror. Tags are a durable contract.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchyard_steps::StepError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    RunStarted { workflow: String, version: u32, input: Value },
+    StepStarted { step: String, attempt: u32 },
+    /// A sub-operation inside an attempt (see `StepContext::journaled`).
+    StepOp { step: String, attempt: u32, index: u32, name: String, value: Value },
+    StepSucceeded { step: String, attempt: u32, output: Value },
+    StepFailed {
+        step: String,
+        attempt: u32,
+        error: StepError,
+        /// When the next attempt is due, if the policy retries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_at: Option<i64>,
+        /// `on_error: continue`: the run goes on with the error as output.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        continued: bool,
+    },
+    /// The step waits durably until `until` (unix ms).
+    StepSuspended { step: String, attempt: u32, until: i64 },
+    StepSkipped { step: String, reason: String },
+    /// Nothing can run before `wake_at`; the run released its task and lease.
+    RunParked { wake_at: i64 },
+    /// A failed run was resumed by a user.
+    RunResumed,
+    RunFinished {
+        status: RunStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<Value>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<StepError>,
+    },
+}
+
+impl Event {
+    /// The persisted tag, also stored in its own column.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            Event::RunStarted { .. } => "run_started",
+            Event::StepStarted { .. } => "step_started",
+            Event::StepOp { .. } => "step_op",
+            Event::StepSucceeded { .. } => "step_succeeded",
+            Event::StepFailed { .. } => "step_failed",
+            Event::StepSuspended { .. } => "step_suspended",
+            Event::StepSkipped { .. } => "step_skipped",
+            Event::RunParked { .. } => "run_parked",
+            Event::RunResumed => "run_resumed",
+            Event::RunFinished { .. } => "run_finished",
+        }
+    }
+}
+
+/// Status of a run, stored in `runs.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Accepted, waiting for a concurrency slot.
+    Queued,
+    Running,
+    /// Parked until a timer (a sleep or a long retry backoff).
+    Waiting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => RunStatus::Queued,
+            "running" => RunStatus::Running,
+            "waiting" => RunStatus::Waiting,
+            "succeeded" => RunStatus::Succeeded,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Finished runs are never driven again (a failed one can be resumed).
+    pub fn is_finished(self) -> bool {
+        matches!(self, RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled)
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tags_match_the_serialized_form() {
+        let events = [
+            Event::RunStarted { workflow: "w".into(), version: 1, input: json!({}) },
+            Event::StepFailed {
+                step: "s".into(),
+                attempt: 1,
+                error: StepError::retryable("x", "y"),
+                retry_at: Some(5),
+                continued: false,
+            },
+            Event::RunResumed,
+            Event::RunFinished { status: RunStatus::Succeeded, output: Some(json!(1)), error: None },
+        ];
+        for e in events {
+            let v = serde_json::to_value(&e).unwrap();
+            assert_eq!(v["type"], e.tag());
+            assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
+        }
+    }
+}

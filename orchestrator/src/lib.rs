@@ -1,0 +1,51 @@
+//! Switchyard orchestrator: from workflow file to durable run.
+//!
+//! - [`spec`]: the file as written ([`spec::Spec`], serde).
+//! - [`compile`]: `Spec` -> [`Workflow`], reporting every error with its place.
+//! - [`expr`]: sandboxed minijinja expressions and value templates.
+//! - [`journal`]: the event vocabulary of a run ([`journal::Event`]).
+//! - [`store`]: the durable state behind the [`store::Store`] trait (SQLite now).
+//! - [`engine`]: [`Engine`] drives runs: group-committed journal, leases and
+//!   fencing, durable timers, child runs, cancellation and resume.
+//! - [`cli`]: the `switchyard` command; [`bench`]: the benchmark workloads.
+
+pub mod bench;
+pub mod cli;
+pub mod compile;
+pub mod engine;
+pub mod expr;
+pub mod journal;
+pub mod report;
+pub mod spec;
+pub mod store;
+pub mod workflow;
+
+use std::sync::Arc;
+
+use switchyard_steps::Registry;
+use switchyard_steps::http::HttpClient;
+use switchyard_steps::kinds::{Fail, Http, Sleep, Transform};
+
+pub use engine::{Engine, EngineOptions, RunOutcome};
+pub use workflow::{Definition, Workflow};
+
+/// The step kinds this build knows.
+pub fn registry(http: Arc<dyn HttpClient>) -> Registry {
+    Registry::new().with(Transform).with(Http::new(http)).with(Sleep).with(Fail)
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use async_trait::async_trait;
+    use switchyard_steps::http::{HttpClient, HttpError, HttpRequest, HttpResponse};
+
+    /// An HTTP port for tests that never touch the network.
+    pub struct NoHttp;
+
+    #[async_trait]
+    impl HttpClient for NoHttp {
+        async fn send(&self, _request: HttpRequest) -> Result<HttpResponse, HttpError> {
+            Err(HttpError::Connect("no network in unit tests".into()))
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The workflow file as written: parsed with serde, not yet checked.
+//! [`crate::compile`] turns a [`Spec`] into a [`crate::Workflow`].
+
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub name: String,
+    #[serde(default = "one")]
+    pub version: u32,
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema for the run input, checked when a run starts.
+    #[serde(default)]
+    pub input: Option<Value>,
+    /// At most this many runs of this workflow execute at once; others queue.
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    pub steps: Vec<StepSpec>,
+    /// The run's result: a value template (see README).
+    #[serde(default)]
+    pub output: Option<Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    pub id: String,
+    pub kind: String,
+    #[serde(default, rename = "with")]
+    pub with: Option<Value>,
+    #[serde(default)]
+    pub needs: Vec<String>,
+    #[serde(default)]
+    pub join: Join,
+    /// A boolean expression; false skips the step.
+    #[serde(default)]
+    pub when: Option<String>,
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// How a step treats its needs: `all` (default) runs only when every need
+/// completed on the path it names; `any` runs when at least one did, which is
+/// how branches join again after a `switch`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Join {
+    #[default]
+    All,
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Continue,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_initial")]
+    pub initial_delay: String,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    #[serde(default = "default_max_delay")]
+    pub max_delay: String,
+    /// Fraction of the delay added or removed at random, 0 to 1.
+    #[serde(default)]
+    pub jitter: f64,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_initial() -> String {
+    "1s".into()
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_max_delay() -> String {
+    "5m".into()
+}
+
+/// Parses YAML or JSON (JSON is YAML, but a `.json` file gets JSON's errors).
+pub fn parse(source: &str, is_json: bool) -> Result<Spec, String> {
+    if is_json {
+        serde_json::from_str(source).map_err(|e| e.to_string())
+    } else {
+        serde_norway::from_str(source).map_err(|e| e.to_string())
+    }
+}

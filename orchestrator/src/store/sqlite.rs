@@ -1,0 +1,394 @@
+//! The SQLite store: WAL mode, one writer connection (the group-commit writer
+//! owns the write path), a small pool for reads.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use super::{Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Store, Write};
+use crate::journal::{Event, RunStatus};
+use crate::workflow::Bundle;
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+
+/// Rows per multi-row INSERT (5 binds each, well under SQLite's limit).
+const INSERT_CHUNK: usize = 500;
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// `sqlite://path.db` or a plain path.
+    pub url: String,
+    /// `FULL` (default) syncs the WAL on every commit: durable across power
+    /// loss. `NORMAL` is durable across process crashes only.
+    pub synchronous_full: bool,
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(options: &SqliteOptions) -> Result<Self> {
+        let url = &options.url;
+        let url = if url.starts_with("sqlite:") { url.clone() } else { format!("sqlite://{url}") };
+        let connect = SqliteConnectOptions::from_str(&url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if options.synchronous_full { SqliteSynchronous::Full } else { SqliteSynchronous::Normal })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect.clone())
+            .await?;
+        migrate(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect.read_only(true))
+            .await?;
+        Ok(Self { write, read })
+    }
+}
+
+async fn migrate(pool: &SqlitePool) -> Result<()> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
+        .execute(pool)
+        .await?;
+    let mut tx = pool.begin().await?;
+    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *tx).await?;
+    let current = current.unwrap_or(0);
+    let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    if current > latest {
+        return Err(Error::Schema(format!(
+            "the database is at schema version {current}, newer than this binary knows ({latest}); upgrade switchyard"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))")
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn json_text(v: &Value) -> String {
+    serde_json::to_string(v).expect("JSON values serialize")
+}
+
+fn parse_json(text: Option<String>, what: &str) -> Result<Option<Value>> {
+    text.map(|t| serde_json::from_str(&t).map_err(|e| Error::Corrupt(format!("{what}: {e}")))).transpose()
+}
+
+fn record(row: &SqliteRow) -> Result<RunRecord> {
+    let status: String = row.try_get("status")?;
+    let error: Option<String> = row.try_get("error")?;
+    Ok(RunRecord {
+        id: row.try_get("id")?,
+        root_id: row.try_get("root_id")?,
+        parent_id: row.try_get("parent_id")?,
+        workflow: row.try_get("workflow")?,
+        version: row.try_get::<i64, _>("version")? as u32,
+        definition: row.try_get("definition")?,
+        status: RunStatus::parse(&status).ok_or_else(|| Error::Corrupt(format!("run status {status:?}")))?,
+        input: parse_json(Some(row.try_get("input")?), "run input")?.unwrap_or(Value::Null),
+        output: parse_json(row.try_get("output")?, "run output")?,
+        error: error
+            .map(|e| serde_json::from_str(&e).map_err(|e| Error::Corrupt(format!("run error: {e}"))))
+            .transpose()?,
+        owner: row.try_get("owner")?,
+        epoch: row.try_get("epoch")?,
+        lease_until: row.try_get("lease_until")?,
+        wake_at: row.try_get("wake_at")?,
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+/// `SELECT <every run column> FROM runs <rest>`, as one literal.
+macro_rules! select_runs {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, root_id, parent_id, workflow, version, definition, status, input, output, error, ",
+            "owner, epoch, lease_until, wake_at, cancel_requested, created_at, updated_at, finished_at FROM runs ",
+            $rest
+        )
+    };
+}
+
+async fn insert_events(
+    tx: &mut sqlx::SqliteConnection,
+    rows: &[(&str, i64, i64, &Event)],
+) -> Result<()> {
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO journal (run_id, seq, at, kind, event) ");
+        qb.push_values(chunk, |mut b, (run, seq, at, event)| {
+            b.push_bind(run.to_string())
+                .push_bind(*seq)
+                .push_bind(*at)
+                .push_bind(event.tag())
+                .push_bind(serde_json::to_string(event).expect("events serialize"));
+        });
+        qb.build().execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+async fn apply_update(tx: &mut sqlx::SqliteConnection, run: &str, now: i64, u: &RunUpdate) -> Result<()> {
+    let finished = u.status.is_some_and(RunStatus::is_finished);
+    sqlx::query(
+        "UPDATE runs SET status = COALESCE(?, status), output = COALESCE(?, output), error = ?, wake_at = ?, \
+         owner = CASE WHEN ? THEN NULL ELSE owner END, lease_until = CASE WHEN ? THEN NULL ELSE lease_until END, \
+         finished_at = CASE WHEN ? THEN ? ELSE NULL END, cancel_requested = CASE WHEN ? THEN 0 ELSE cancel_requested END, \
+         updated_at = ? WHERE id = ?",
+    )
+    .bind(u.status.map(RunStatus::as_str))
+    .bind(u.output.as_ref().map(json_text))
+    .bind(u.error.as_ref().map(|e| serde_json::to_string(e).expect("errors serialize")))
+    .bind(u.wake_at)
+    .bind(u.release)
+    .bind(u.release)
+    .bind(finished)
+    .bind(now)
+    .bind(finished)
+    .bind(now)
+    .bind(run)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn put_definition(&self, hash: &str, name: &str, version: u32, bundle: &Bundle, now: i64) -> Result<()> {
+        let text = serde_json::to_string(bundle).expect("bundles serialize");
+        sqlx::query(
+            "INSERT INTO definitions (hash, name, version, bundle, created_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(hash)
+        .bind(name)
+        .bind(version as i64)
+        .bind(text)
+        .bind(now)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    async fn definition(&self, hash: &str) -> Result<Bundle> {
+        let text: Option<String> = sqlx::query_scalar("SELECT bundle FROM definitions WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.read)
+            .await?;
+        let text = text.ok_or_else(|| Error::NotFound(format!("definition {hash}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("definition {hash}: {e}")))
+    }
+
+    async fn commit(&self, node: &str, now: i64, writes: &[Write]) -> Result<Vec<Result<()>>> {
+        let mut conn = self.write.acquire().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        // One query for every fence in the batch: the epochs of the runs this
+        // node owns right now.
+        let needs_fence = writes.iter().any(|w| matches!(w, Write::Append { .. } | Write::Create { fence: Some(_), .. }));
+        let owned: HashMap<String, i64> = if needs_fence {
+            sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
+                .bind(node)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let holds = |f: &Fence| owned.get(&f.root) == Some(&f.epoch);
+
+        let mut results = Vec::with_capacity(writes.len());
+        let mut rows: Vec<(&str, i64, i64, &Event)> = Vec::new();
+        for write in writes {
+            match write {
+                Write::Create { fence, run, events } => {
+                    if let Some(f) = fence {
+                        if !holds(f) {
+                            results.push(Err(Error::Fenced(f.root.clone())));
+                            continue;
+                        }
+                    }
+                    let created = sqlx::query(
+                        "INSERT INTO runs (id, root_id, parent_id, workflow, version, definition, status, input, owner, \
+                         epoch, lease_until, idempotency_key, created_at, updated_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&run.id)
+                    .bind(&run.root_id)
+                    .bind(&run.parent_id)
+                    .bind(&run.workflow)
+                    .bind(run.version as i64)
+                    .bind(&run.definition)
+                    .bind(run.status.as_str())
+                    .bind(json_text(&run.input))
+                    .bind(&run.owner)
+                    .bind(run.epoch)
+                    .bind(run.lease_until)
+                    .bind(&run.idempotency_key)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if created == 1 {
+                        rows.extend(events.iter().enumerate().map(|(i, (at, e))| (run.id.as_str(), i as i64, *at, e)));
+                    }
+                    results.push(Ok(()));
+                }
+                Write::Append { fence, run, first_seq, events, update } => {
+                    if !holds(fence) {
+                        results.push(Err(Error::Fenced(fence.root.clone())));
+                        continue;
+                    }
+                    rows.extend(
+                        events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e)),
+                    );
+                    if let Some(update) = update {
+                        apply_update(&mut tx, run, now, update).await?;
+                    }
+                    results.push(Ok(()));
+                }
+            }
+        }
+        insert_events(&mut tx, &rows).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>> {
+        let row = sqlx::query(select_runs!("WHERE id = ?")).bind(id).fetch_optional(&self.read).await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn run_by_key(&self, key: &str) -> Result<Option<RunRecord>> {
+        let row = sqlx::query(select_runs!("WHERE idempotency_key = ?"))
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn runs(&self, status: Option<RunStatus>, include_children: bool, limit: i64) -> Result<Vec<RunRecord>> {
+        let rows = sqlx::query(select_runs!(
+            "WHERE (? IS NULL OR status = ?) AND (? OR parent_id IS NULL) ORDER BY created_at DESC, id DESC LIMIT ?"
+        ))
+        .bind(status.map(RunStatus::as_str))
+        .bind(status.map(RunStatus::as_str))
+        .bind(include_children)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn children(&self, parent: &str) -> Result<Vec<RunRecord>> {
+        let rows = sqlx::query(select_runs!("WHERE parent_id = ? ORDER BY id"))
+            .bind(parent)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn journal(&self, id: &str) -> Result<Vec<JournalEntry>> {
+        let rows: Vec<(i64, i64, String)> =
+            sqlx::query_as("SELECT seq, at, event FROM journal WHERE run_id = ? ORDER BY seq")
+                .bind(id)
+                .fetch_all(&self.read)
+                .await?;
+        rows.into_iter()
+            .map(|(seq, at, text)| {
+                let event = serde_json::from_str(&text)
+                    .map_err(|e| Error::Corrupt(format!("journal of {id} at {seq}: {e}")))?;
+                Ok(JournalEntry { seq, at, event })
+            })
+            .collect()
+    }
+
+    async fn claim(&self, id: &str, node: &str, now: i64, lease_until: i64, allow_finished: bool) -> Result<Option<i64>> {
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_until = ?, updated_at = ? \
+             WHERE id = ? AND parent_id IS NULL AND (owner IS NULL OR owner = ? OR lease_until < ?) \
+             AND (? OR status NOT IN ('succeeded', 'failed', 'cancelled')) RETURNING epoch",
+        )
+        .bind(node)
+        .bind(lease_until)
+        .bind(now)
+        .bind(id)
+        .bind(node)
+        .bind(now)
+        .bind(allow_finished)
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(epoch)
+    }
+
+    async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>> {
+        let rows = sqlx::query(select_runs!(
+            "WHERE parent_id IS NULL AND status IN ('queued', 'running', 'waiting') \
+             AND (owner IS NULL OR lease_until < ?) ORDER BY created_at LIMIT ?"
+        ))
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn renew(&self, node: &str, lease_until: i64) -> Result<u64> {
+        let done = sqlx::query("UPDATE runs SET lease_until = ? WHERE owner = ?")
+            .bind(lease_until)
+            .bind(node)
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release_all(&self, node: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET owner = NULL, lease_until = NULL WHERE owner = ?")
+            .bind(node)
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn cancel_requests(&self, node: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT id FROM runs WHERE owner = ? AND cancel_requested = 1")
+            .bind(node)
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    async fn request_cancel(&self, id: &str, now: i64) -> Result<()> {
+        let done = sqlx::query("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&self.write)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(id.to_owned()));
+        }
+        Ok(())
+    }
+}

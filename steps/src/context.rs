@@ -1,0 +1,244 @@
+//! What a running step sees.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::error::{Stop, StepError, StepResult};
+
+/// A sub-operation recorded in the journal during an earlier call of the same
+/// step (before a crash or a suspension).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedOp {
+    pub index: u32,
+    pub name: String,
+    pub value: Value,
+}
+
+/// Where [`StepContext::journaled`] writes. The engine implements it with a
+/// durable, fenced journal append that returns once committed.
+#[async_trait]
+pub trait OpSink: Send + Sync {
+    async fn record(&self, index: u32, name: &str, value: &Value) -> Result<(), StepError>;
+}
+
+/// The context of one step attempt.
+pub struct StepContext {
+    run_id: String,
+    step_id: String,
+    attempt: u32,
+    idempotency_key: String,
+    clock: Arc<dyn Clock>,
+    cancel: CancellationToken,
+    replay: VecDeque<RecordedOp>,
+    next_op: u32,
+    sink: Arc<dyn OpSink>,
+}
+
+impl StepContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        run_id: String,
+        step_id: String,
+        attempt: u32,
+        idempotency_key: String,
+        clock: Arc<dyn Clock>,
+        cancel: CancellationToken,
+        replay: Vec<RecordedOp>,
+        sink: Arc<dyn OpSink>,
+    ) -> Self {
+        Self {
+            run_id,
+            step_id,
+            attempt,
+            idempotency_key,
+            clock,
+            cancel,
+            replay: replay.into(),
+            next_op: 0,
+            sink,
+        }
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+
+    pub fn step_id(&self) -> &str {
+        &self.step_id
+    }
+
+    /// 1-based attempt number.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Stable across attempts: `{run_id}/{step_id}`. Send it to services that
+    /// deduplicate (the `http` step sends it as `Idempotency-Key`).
+    pub fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Resolves when the run is cancelled; long-running steps select on it.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await
+    }
+
+    /// A token that is cancelled with the run (for work the step hands on).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Runs `op` once and journals its result; when the step is called again
+    /// after a crash or a suspension, the recorded result is returned instead of
+    /// running `op` again. Calls must come in the same order on every call of
+    /// the step (like Temporal's deterministic replay); a name that differs from
+    /// the recorded one is an error.
+    pub async fn journaled<T, F>(&mut self, name: &str, op: F) -> StepResult<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: Future<Output = StepResult<T>>,
+    {
+        let index = self.next_op;
+        self.next_op += 1;
+        if self.replay.front().is_some_and(|r| r.index == index) {
+            {
+                let recorded = self.replay.pop_front().expect("front exists");
+                if recorded.name != name {
+                    return Err(StepError::fatal(
+                        "nondeterministic",
+                        format!(
+                            "operation {index} was recorded as {:?} but the step now performs {name:?}",
+                            recorded.name
+                        ),
+                    )
+                    .into());
+                }
+                return serde_json::from_value(recorded.value).map_err(|e| {
+                    StepError::fatal("replay", format!("recorded {name:?} does not decode: {e}")).into()
+                });
+            }
+        }
+        let value = op.await?;
+        let json = serde_json::to_value(&value)
+            .map_err(|e| StepError::fatal("encode", format!("{name}: {e}")))?;
+        self.sink.record(index, name, &json).await?;
+        Ok(value)
+    }
+
+    /// A durable sleep: the wake-up time is journaled on the first call, so a
+    /// restart resumes with the remaining time. Returns `Stop::Suspend` while
+    /// the time has not come, which frees the task.
+    pub async fn sleep(&mut self, duration: Duration) -> StepResult<()> {
+        let now = self.now_ms();
+        let at = self
+            .journaled("sleep_until", async move {
+                Ok(now.saturating_add(duration.as_millis().min(i64::MAX as u128) as i64))
+            })
+            .await?;
+        self.sleep_until(at)
+    }
+
+    /// Suspends until `at_ms` (unix milliseconds) unless it has passed.
+    pub fn sleep_until(&self, at_ms: i64) -> StepResult<()> {
+        if self.now_ms() >= at_ms { Ok(()) } else { Err(Stop::Suspend { until_ms: at_ms }) }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Records ops in memory.
+    #[derive(Default)]
+    pub struct MemorySink {
+        pub ops: Mutex<Vec<RecordedOp>>,
+    }
+
+    #[async_trait]
+    impl OpSink for MemorySink {
+        async fn record(&self, index: u32, name: &str, value: &Value) -> Result<(), StepError> {
+            self.ops.lock().unwrap().push(RecordedOp { index, name: name.into(), value: value.clone() });
+            Ok(())
+        }
+    }
+
+    pub fn context(clock: Arc<dyn Clock>, sink: Arc<MemorySink>) -> StepContext {
+        let replay = sink.ops.lock().unwrap().clone();
+        StepContext::new(
+            "run1".into(),
+            "s".into(),
+            1,
+            "run1/s".into(),
+            clock,
+            CancellationToken::new(),
+            replay,
+            sink,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+    use crate::clock::ManualClock;
+
+    #[tokio::test]
+    async fn journaled_ops_replay_instead_of_running_again() {
+        let clock = Arc::new(ManualClock::new(0));
+        let sink = Arc::new(MemorySink::default());
+        let mut first = context(clock.clone(), sink.clone());
+        let a: u32 = first.journaled("a", async { Ok(7) }).await.unwrap();
+        assert_eq!(a, 7);
+
+        let mut second = context(clock, sink.clone());
+        let a: u32 = second.journaled("a", async { panic!("must replay") }).await.unwrap();
+        assert_eq!(a, 7);
+        let b: u32 = second.journaled("b", async { Ok(9) }).await.unwrap();
+        assert_eq!(b, 9);
+        assert_eq!(sink.ops.lock().unwrap().len(), 2);
+
+        let mut third = context(Arc::new(ManualClock::new(0)), sink);
+        let err = third.journaled::<u32, _>("other", async { Ok(1) }).await.unwrap_err();
+        assert!(matches!(err, Stop::Error(e) if e.code == "nondeterministic"));
+    }
+
+    #[tokio::test]
+    async fn sleep_suspends_until_the_recorded_time() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let sink = Arc::new(MemorySink::default());
+        let mut ctx = context(clock.clone(), sink.clone());
+        let stop = ctx.sleep(Duration::from_secs(3600)).await.unwrap_err();
+        assert_eq!(stop, Stop::Suspend { until_ms: 1_000 + 3_600_000 });
+
+        clock.advance(Duration::from_secs(1800));
+        let mut later = context(clock.clone(), sink.clone());
+        assert_eq!(
+            later.sleep(Duration::from_secs(3600)).await.unwrap_err(),
+            Stop::Suspend { until_ms: 3_601_000 }
+        );
+        clock.advance(Duration::from_secs(1800));
+        let mut due = context(clock, sink);
+        due.sleep(Duration::from_secs(3600)).await.unwrap();
+    }
+}

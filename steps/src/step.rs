@@ -1,0 +1,68 @@
+//! The step trait: typed for authors, erased once for the engine.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::context::StepContext;
+use crate::error::{ConfigIssue, StepError, StepResult};
+
+/// A kind of step. `KIND` is persisted in workflow files and journals: treat it
+/// as a durable contract.
+pub trait Step: Send + Sync + 'static {
+    const KIND: &'static str;
+    /// Parsed from the step's `with` block (`deny_unknown_fields` is advised).
+    type Config: DeserializeOwned + Send + 'static;
+    type Output: Serialize + Send;
+
+    /// Extra checks beyond parsing, run at compile time.
+    fn check(_config: &Self::Config) -> Vec<ConfigIssue> {
+        Vec::new()
+    }
+
+    fn run(
+        &self,
+        config: Self::Config,
+        ctx: &mut StepContext,
+    ) -> impl Future<Output = StepResult<Self::Output>> + Send;
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The object-safe form of [`Step`] that the engine stores and calls.
+pub trait DynStep: Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// Parses and checks a `with` block whose strings are still templates.
+    fn check(&self, with: &Value) -> Vec<ConfigIssue>;
+    /// Runs the step on a rendered `with` block.
+    fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult>;
+}
+
+fn parse<C: DeserializeOwned>(with: Value) -> Result<C, ConfigIssue> {
+    serde_json::from_value(with).map_err(|e| ConfigIssue::new("", e.to_string()))
+}
+
+impl<S: Step> DynStep for S {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+
+    fn check(&self, with: &Value) -> Vec<ConfigIssue> {
+        match parse::<S::Config>(with.clone()) {
+            Ok(config) => S::check(&config),
+            Err(issue) => vec![issue],
+        }
+    }
+
+    fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult> {
+        Box::pin(async move {
+            let config = parse::<S::Config>(with)
+                .map_err(|i| StepError::fatal("config", format!("with: {}", i.message)))?;
+            let output = Step::run(self, config, ctx).await?;
+            serde_json::to_value(output)
+                .map_err(|e| StepError::fatal("encode", format!("output: {e}")).into())
+        })
+    }
+}
