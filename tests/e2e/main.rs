@@ -1,1 +1,4 @@
+//! End-to-end tests: the engine against real SQLite files and real local
+//! HTTP servers, and the `switchyard` binary as a real process.
 
+mod examples;

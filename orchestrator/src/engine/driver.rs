@@ -225,10 +225,12 @@ impl Driver {
             .zip(&self.steps)
             .filter_map(|(spec, st)| st.view.clone().map(|v| (spec.id.as_str(), v)))
             .collect();
-        let mut ctx: Vec<(&str, MjValue)> =
-            vec![("input", self.input_view.clone()), ("steps", MjValue::from(steps)), ("run", self.run_view.clone())];
+        let mut ctx: BTreeMap<&str, MjValue> = BTreeMap::new();
+        ctx.insert("input", self.input_view.clone());
+        ctx.insert("steps", MjValue::from(steps));
+        ctx.insert("run", self.run_view.clone());
         ctx.extend(extra.iter().cloned());
-        ctx.into_iter().collect()
+        MjValue::from(ctx)
     }
 
     /// Runs until the run finishes or parks.

@@ -1,0 +1,1 @@
+//! Every example in workflows/ compiles; those that need no outside service run.
