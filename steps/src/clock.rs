@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{oneshot, watch};
 
 pub type ClockFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -45,10 +45,16 @@ pub struct ManualClock {
     inner: Arc<ManualInner>,
 }
 
-#[derive(Default)]
 struct ManualInner {
     state: Mutex<ManualState>,
-    sleeper_added: Notify,
+    /// Bumped whenever a sleeper registers.
+    generation: watch::Sender<u64>,
+}
+
+impl Default for ManualInner {
+    fn default() -> Self {
+        Self { state: Mutex::default(), generation: watch::channel(0).0 }
+    }
 }
 
 #[derive(Default)]
@@ -93,9 +99,20 @@ impl ManualClock {
         st.sleepers.keys().next().map(|k| k.0)
     }
 
-    /// Waits until some task sleeps on this clock.
-    pub async fn sleeper_added(&self) {
-        self.inner.sleeper_added.notified().await
+    /// The earliest pending deadline, waiting until some task sleeps on
+    /// this clock. Tests advance to it: time then moves only when the code
+    /// under test waits for time.
+    pub async fn next_sleeper(&self) -> i64 {
+        let mut generation = self.inner.generation.subscribe();
+        loop {
+            generation.borrow_and_update();
+            if let Some(deadline) = self.next_deadline() {
+                return deadline;
+            }
+            if generation.changed().await.is_err() {
+                return i64::MAX;
+            }
+        }
     }
 }
 
@@ -115,7 +132,7 @@ impl Clock for ManualClock {
             st.next_id += 1;
             st.sleepers.insert((at_ms, id), tx);
         }
-        self.inner.sleeper_added.notify_waiters();
+        self.inner.generation.send_modify(|g| *g += 1);
         Box::pin(async move {
             let _ = rx.await;
         })
@@ -135,6 +152,7 @@ mod tests {
         clock.advance(Duration::from_millis(600));
         early.await;
         assert_eq!(clock.next_deadline(), Some(5_000));
+        assert_eq!(clock.next_sleeper().await, 5_000);
         clock.advance_to(5_000);
         late.await;
         assert_eq!(clock.now_ms(), 5_000);

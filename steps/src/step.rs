@@ -40,8 +40,13 @@ pub trait DynStep: Send + Sync {
     fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult>;
 }
 
+/// Parses a config, naming the field at fault (`timeout`, `headers.x`).
 fn parse<C: DeserializeOwned>(with: Value) -> Result<C, ConfigIssue> {
-    serde_json::from_value(with).map_err(|e| ConfigIssue::new("", e.to_string()))
+    serde_path_to_error::deserialize(with).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        ConfigIssue::new(path, e.into_inner().to_string())
+    })
 }
 
 impl<S: Step> DynStep for S {
@@ -59,7 +64,10 @@ impl<S: Step> DynStep for S {
     fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
             let config = parse::<S::Config>(with)
-                .map_err(|i| StepError::fatal("config", format!("with: {}", i.message)))?;
+                .map_err(|i| {
+                    let at = if i.path.is_empty() { "with".to_owned() } else { format!("with.{}", i.path) };
+                    StepError::fatal("config", format!("{at}: {}", i.message))
+                })?;
             let output = Step::run(self, config, ctx).await?;
             serde_json::to_value(output)
                 .map_err(|e| StepError::fatal("encode", format!("output: {e}")).into())

@@ -1,4 +1,7 @@
 //! End-to-end tests: the engine against real SQLite files and real local
 //! HTTP servers, and the `switchyard` binary as a real process.
 
+mod cli;
+mod engine;
 mod examples;
+mod support;

@@ -101,6 +101,7 @@ pub(crate) enum DriveError {
 }
 
 type Done = (usize, u32, StepResult);
+type Launch = std::pin::Pin<Box<dyn std::future::Future<Output = Done> + Send>>;
 
 /// Which run a driver drives and the claim it writes under.
 pub(crate) struct RunRef {
@@ -123,6 +124,11 @@ pub(crate) struct Driver {
     journal: Arc<RunJournal>,
     cancel: CancellationToken,
     running: JoinSet<Done>,
+    /// Attempts decided but not started: they start only after the events
+    /// that decided them (their `step_started` included) are committed.
+    launches: Vec<Launch>,
+    /// Events decided but not yet committed.
+    pending: Vec<Event>,
     /// Set once a step failed for good: nothing new starts.
     failure: Option<StepError>,
     finished: Option<RunStatus>,
@@ -212,6 +218,8 @@ impl Driver {
             journal,
             cancel,
             running: JoinSet::new(),
+            launches: Vec::new(),
+            pending: Vec::new(),
             failure,
             finished,
         })
@@ -242,7 +250,17 @@ impl Driver {
             if self.cancel.is_cancelled() {
                 return self.finish_cancelled().await;
             }
-            self.schedule().await?;
+            self.schedule();
+            // One commit for everything decided since the last one: results
+            // of finished attempts, skips, switch choices and the starts of
+            // the attempts they unblock. Only then do those attempts run.
+            let events = std::mem::take(&mut self.pending);
+            if !events.is_empty() {
+                self.journal.commit(events, None).await?;
+            }
+            for launch in self.launches.drain(..) {
+                self.running.spawn(launch);
+            }
             if self.running.is_empty() {
                 if self.failure.is_some() || self.steps.iter().all(|s| s.status.is_terminal()) {
                     return self.finish().await;
@@ -269,7 +287,7 @@ impl Driver {
                     while let Some(more) = self.running.try_join_next() {
                         batch.push(more);
                     }
-                    self.complete(batch).await?;
+                    self.complete(batch)?;
                 }
                 _ = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {}
                 _ = self.cancel.cancelled() => {}
@@ -286,49 +304,41 @@ impl Driver {
     }
 
     /// Decides every step that can be decided now: skips, switches, starts.
-    async fn schedule(&mut self) -> Result<(), DriveError> {
-        loop {
-            let mut events = Vec::new();
-            let mut decided_inline = false;
-            let now = self.inner.clock.now_ms();
-            for pos in 0..self.wf.order.len() {
-                let i = self.wf.order[pos];
-                match self.steps[i].status {
-                    Status::Suspended | Status::Backoff if self.steps[i].due.is_some_and(|d| d <= now) => {
-                        if self.failure.is_none() {
-                            self.start(i, &mut events);
+    /// One pass in topological order suffices: a decision is visible to the
+    /// steps after it.
+    fn schedule(&mut self) {
+        let now = self.inner.clock.now_ms();
+        for pos in 0..self.wf.order.len() {
+            let i = self.wf.order[pos];
+            if self.failure.is_some() {
+                return;
+            }
+            match self.steps[i].status {
+                Status::Suspended | Status::Backoff if self.steps[i].due.is_some_and(|d| d <= now) => self.start(i),
+                Status::Ready => self.start(i),
+                Status::Pending => match self.readiness(i) {
+                    Readiness::Wait => {}
+                    Readiness::Skip(reason) => self.skip(i, reason),
+                    Readiness::Go => {
+                        if let Some(reason) = self.when_false(i) {
+                            self.skip(i, reason);
+                        } else if self.steps[i].status.is_terminal() {
+                            // `when` could not be evaluated: already failed.
+                        } else if let StepKind::Switch { .. } = self.wf.steps[i].kind {
+                            self.switch(i);
+                        } else {
+                            self.start(i);
                         }
                     }
-                    Status::Ready if self.failure.is_none() => self.start(i, &mut events),
-                    Status::Pending if self.failure.is_none() => match self.readiness(i) {
-                        Readiness::Wait => {}
-                        Readiness::Skip(reason) => {
-                            self.steps[i].complete(Status::Skipped, None);
-                            events.push(Event::StepSkipped { step: self.wf.steps[i].id.clone(), reason });
-                        }
-                        Readiness::Go => {
-                            if let Some(reason) = self.when_false(i) {
-                                self.steps[i].complete(Status::Skipped, None);
-                                events.push(Event::StepSkipped { step: self.wf.steps[i].id.clone(), reason });
-                            } else if let StepKind::Switch { .. } = self.wf.steps[i].kind {
-                                self.switch(i, &mut events);
-                                decided_inline = true;
-                            } else {
-                                self.start(i, &mut events);
-                            }
-                        }
-                    },
-                    _ => {}
-                }
+                },
+                _ => {}
             }
-            if decided_inline {
-                // A switch's choice is committed before the steps it selects start.
-                self.journal.commit(events, None).await?;
-                continue;
-            }
-            self.journal.record(events, None);
-            return Ok(());
         }
+    }
+
+    fn skip(&mut self, i: usize, reason: String) {
+        self.steps[i].complete(Status::Skipped, None);
+        self.pending.push(Event::StepSkipped { step: self.wf.steps[i].id.clone(), reason });
     }
 
     fn readiness(&self, i: usize) -> Readiness {
@@ -384,13 +394,8 @@ impl Driver {
         let attempt = self.steps[i].attempt + 1;
         self.steps[i].attempt = attempt;
         let continued = self.wf.steps[i].on_error == OnError::Continue;
-        self.journal.record(
-            vec![
-                Event::StepStarted { step: id.clone(), attempt },
-                Event::StepFailed { step: id.clone(), attempt, error: error.clone(), retry_at: None, continued },
-            ],
-            None,
-        );
+        self.pending.push(Event::StepStarted { step: id.clone(), attempt });
+        self.pending.push(Event::StepFailed { step: id.clone(), attempt, error: error.clone(), retry_at: None, continued });
         if continued {
             self.steps[i].complete(Status::Continued, Some(json!({ "error": error })));
         } else {
@@ -399,7 +404,7 @@ impl Driver {
         }
     }
 
-    fn switch(&mut self, i: usize, events: &mut Vec<Event>) {
+    fn switch(&mut self, i: usize) {
         let StepKind::Switch { cases, default } = &self.wf.steps[i].kind else { return };
         let ctx = self.context(&[]);
         let mut chosen = None;
@@ -422,20 +427,20 @@ impl Driver {
         let attempt = self.steps[i].attempt + 1;
         self.steps[i].attempt = attempt;
         let output = json!({ "path": chosen });
-        events.push(Event::StepStarted { step: id.clone(), attempt });
-        events.push(Event::StepSucceeded { step: id, attempt, output: output.clone() });
+        self.pending.push(Event::StepStarted { step: id.clone(), attempt });
+        self.pending.push(Event::StepSucceeded { step: id, attempt, output: output.clone() });
         self.steps[i].complete(Status::Succeeded, Some(output));
     }
 
     /// Starts an attempt of step `i` (or wakes a suspended one).
-    fn start(&mut self, i: usize, events: &mut Vec<Event>) {
+    fn start(&mut self, i: usize) {
         let step = &self.wf.steps[i];
         let id = step.id.clone();
         let st = &mut self.steps[i];
         let waking = st.status == Status::Suspended;
         if !waking {
             st.attempt += 1;
-            events.push(Event::StepStarted { step: id.clone(), attempt: st.attempt });
+            self.pending.push(Event::StepStarted { step: id.clone(), attempt: st.attempt });
         }
         st.status = Status::Running;
         st.due = None;
@@ -456,14 +461,14 @@ impl Driver {
             Ok(work) => work,
             Err(error) => {
                 // Rendering failed: the attempt fails without running.
-                self.running.spawn(async move { (i, attempt, Err(Stop::Error(error))) });
+                self.launches.push(Box::pin(async move { (i, attempt, Err(Stop::Error(error))) }));
                 return;
             }
         };
         let timeout = step.timeout;
         let clock = self.inner.clock.clone();
         let inner = self.inner.clone();
-        self.running.spawn(async move {
+        self.launches.push(Box::pin(async move {
             let started = clock.now_ms();
             let result = match timeout {
                 None => work.run(inner, ctx).await,
@@ -479,7 +484,7 @@ impl Driver {
                 }
             };
             (i, attempt, result)
-        });
+        }));
     }
 
     fn prepare(&self, i: usize, ctx: &MjValue) -> Result<Work, StepError> {
@@ -534,11 +539,11 @@ impl Driver {
         }
     }
 
-    /// Journals finished attempts (one commit for all of them), then updates
-    /// state so that dependents can start.
-    async fn complete(&mut self, batch: Vec<Result<Done, tokio::task::JoinError>>) -> Result<(), DriveError> {
+    /// Folds finished attempts into the state; their events are committed
+    /// with the next decisions, before any dependent starts.
+    fn complete(&mut self, batch: Vec<Result<Done, tokio::task::JoinError>>) -> Result<(), DriveError> {
         let now = self.inner.clock.now_ms();
-        let mut events = Vec::with_capacity(batch.len());
+        let mut events = std::mem::take(&mut self.pending);
         let mut changes = Vec::with_capacity(batch.len());
         for done in batch {
             let (i, attempt, result) = match done {
@@ -581,7 +586,7 @@ impl Driver {
                 }
             }
         }
-        self.journal.commit(events, None).await?;
+        self.pending = events;
         for (i, status, output, due) in changes {
             let st = &mut self.steps[i];
             match status {
@@ -598,14 +603,16 @@ impl Driver {
         Ok(())
     }
 
-    async fn park(self, wake_at: i64) -> Result<Outcome, DriveError> {
+    async fn park(mut self, wake_at: i64) -> Result<Outcome, DriveError> {
         let update = RunUpdate {
             status: Some(RunStatus::Waiting),
             wake_at: Some(wake_at),
             release: self.is_root,
             ..Default::default()
         };
-        self.journal.commit(vec![Event::RunParked { wake_at }], Some(update)).await?;
+        let mut events = self.pending;
+        events.push(Event::RunParked { wake_at });
+        self.journal.commit(events, Some(update)).await?;
         Ok(Outcome::Parked { wake_at })
     }
 
@@ -635,7 +642,7 @@ impl Driver {
     }
 
     async fn finish_with(
-        self,
+        mut self,
         status: RunStatus,
         output: Option<Value>,
         error: Option<StepError>,
@@ -647,8 +654,9 @@ impl Driver {
             wake_at: None,
             release: self.is_root,
         };
-        let event = Event::RunFinished { status, output: output.clone(), error: error.clone() };
-        self.journal.commit(vec![event], Some(update)).await?;
+        let mut events = self.pending;
+        events.push(Event::RunFinished { status, output: output.clone(), error: error.clone() });
+        self.journal.commit(events, Some(update)).await?;
         Ok(Outcome::Finished { status, output, error })
     }
 

@@ -16,19 +16,13 @@ pub(crate) struct RunJournal {
     fence: Fence,
     writer: Writer,
     clock: Arc<dyn Clock>,
-    state: Mutex<JournalState>,
-}
-
-struct JournalState {
-    next_seq: i64,
-    /// Acks of writes nobody waited for; checked at the next awaited write so
-    /// a lost write is never silently skipped.
-    unconfirmed: Vec<Ack>,
+    /// Next sequence number; the lock also keeps sends in order.
+    next_seq: Mutex<i64>,
 }
 
 impl RunJournal {
     pub fn new(run: String, fence: Fence, next_seq: i64, writer: Writer, clock: Arc<dyn Clock>) -> Arc<Self> {
-        Arc::new(Self { run, fence, writer, clock, state: Mutex::new(JournalState { next_seq, unconfirmed: Vec::new() }) })
+        Arc::new(Self { run, fence, writer, clock, next_seq: Mutex::new(next_seq) })
     }
 
     pub fn fence(&self) -> &Fence {
@@ -37,9 +31,9 @@ impl RunJournal {
 
     fn send(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Ack {
         let now = self.clock.now_ms();
-        let mut st = self.state.lock().expect("journal lock");
-        let first_seq = st.next_seq;
-        st.next_seq += events.len() as i64;
+        let mut next_seq = self.next_seq.lock().expect("journal lock");
+        let first_seq = *next_seq;
+        *next_seq += events.len() as i64;
         self.writer.submit(Write::Append {
             fence: self.fence.clone(),
             run: self.run.clone(),
@@ -49,25 +43,9 @@ impl RunJournal {
         })
     }
 
-    /// Appends without waiting (the write still lands before any later one).
-    pub fn record(&self, events: Vec<Event>, update: Option<RunUpdate>) {
-        if events.is_empty() && update.is_none() {
-            return;
-        }
-        let ack = self.send(events, update);
-        self.state.lock().expect("journal lock").unconfirmed.push(ack);
-    }
-
-    /// Appends and waits until committed, together with everything recorded
-    /// before.
+    /// Appends and waits until committed.
     pub async fn commit(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Result<(), CommitError> {
-        let ack = self.send(events, update);
-        let earlier = std::mem::take(&mut self.state.lock().expect("journal lock").unconfirmed);
-        wait(ack).await?;
-        for ack in earlier {
-            wait(ack).await?;
-        }
-        Ok(())
+        wait(self.send(events, update)).await
     }
 }
 

@@ -30,9 +30,10 @@ pub struct HttpConfig {
     #[serde(default = "default_method")]
     pub method: String,
     pub url: String,
-    #[serde(default)]
+    /// Values may be strings, numbers or booleans.
+    #[serde(default, deserialize_with = "scalars")]
     pub headers: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "scalars")]
     pub query: BTreeMap<String, String>,
     /// A JSON body (sent with `Content-Type: application/json`).
     #[serde(default)]
@@ -42,6 +43,19 @@ pub struct HttpConfig {
     pub body: Option<String>,
     #[serde(default = "default_timeout", deserialize_with = "crate::duration::de")]
     pub timeout: Duration,
+}
+
+/// A map whose values are scalars, kept as text (`{page: 2}` -> `"2"`).
+fn scalars<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k, s)),
+            Value::Number(n) => Ok((k, n.to_string())),
+            Value::Bool(b) => Ok((k, b.to_string())),
+            other => Err(serde::de::Error::custom(format!("{k}: expected a string, number or boolean, got {other}"))),
+        })
+        .collect()
 }
 
 fn default_method() -> String {
@@ -203,6 +217,9 @@ mod tests {
         assert_eq!(issues.len(), 2);
         let issues = DynStep::check(&step, &json!({"url": "x", "timeout": "soon"}));
         assert!(issues[0].message.contains("invalid duration"), "{issues:?}");
+        assert_eq!(issues[0].path, "timeout");
+        assert!(DynStep::check(&step, &json!({"url": "x", "query": {"page": 2, "all": true}})).is_empty());
+        assert_eq!(DynStep::check(&step, &json!({"url": "x", "query": {"q": [1]}}))[0].path, "query");
         let issues = DynStep::check(&step, &json!({"uri": "x"}));
         assert!(issues[0].message.contains("unknown field"), "{issues:?}");
     }

@@ -1,0 +1,154 @@
+//! The `switchyard` binary as a process: validation errors and a real crash.
+
+use std::process::Stdio;
+
+use serde_json::json;
+use switchyard_orchestrator::journal::{Event, RunStatus};
+use switchyard_tests::{CounterServer, temp_dir};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::support::{journal, step_events, store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard-e2e");
+
+fn switchyard(db: &std::path::Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--db").arg(db).env("SWITCHYARD_SQLITE_SYNC", "normal").kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn validate_reports_every_error_with_its_place_and_exits_2() {
+    let dir = temp_dir("validate");
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        r#"
+name: broken
+steps:
+  - id: fetch
+    kind: http
+    with: {url: "{{ input.url ", method: GET}
+  - id: fetch
+    kind: transform
+    with: {}
+  - id: classify
+    kind: htp
+  - id: route
+    kind: transform
+    needs: [clasify]
+    with: {}
+  - id: page
+    kind: http
+    with: {url: "http://x", timeout: soon}
+  - id: a
+    kind: transform
+    needs: [b]
+  - id: b
+    kind: transform
+    needs: [a]
+"#,
+    )
+    .unwrap();
+    let malformed = dir.join("malformed.yaml");
+    std::fs::write(&malformed, "name: x\nsteps: [\n").unwrap();
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, "name: good\nsteps:\n  - id: t\n    kind: transform\n    with: {}\n").unwrap();
+
+    let out = switchyard(&dir.join("db")).arg("validate").arg(&good).arg(&bad).arg(&malformed).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("good.yaml: ok"), "{stdout}");
+    let bad = bad.display().to_string();
+    for expected in [
+        format!("{bad}: steps[0].with.url: syntax error"),
+        format!("{bad}: steps[1].id: duplicate id \"fetch\""),
+        format!("{bad}: steps[2].kind: unknown kind \"htp\""),
+        format!("{bad}: steps[3].needs[0]: unknown step \"clasify\""),
+        format!("{bad}: steps[4].with.timeout: invalid duration"),
+        format!("{bad}: steps[5].needs: cycle between steps a -> b"),
+        format!("{}: ", malformed.display()),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // `run` refuses the same file with the same errors, and bad input too.
+    let out = switchyard(&dir.join("db")).arg("run").arg(&bad).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = switchyard(&dir.join("db")).arg("run").arg(&good).args(["--input", "{nope"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--input"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_process_resumes_without_repeating_completed_steps() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("crash");
+    let db = dir.join("switchyard.db");
+    // Five steps in a chain; step 3's first request is held so the process
+    // can be killed while it is in flight.
+    let mut yaml = String::from("name: crashy\nsteps:\n");
+    for k in 1..=5 {
+        let hold = if k == 3 { "&hold_first=1" } else { "" };
+        let url = server.url(&format!("/hit/s{k}?n={{{{ input.n }}}}{hold}"));
+        yaml.push_str(&format!("  - id: s{k}\n    kind: http\n"));
+        if k > 1 {
+            yaml.push_str(&format!("    needs: [s{}]\n", k - 1));
+        }
+        yaml.push_str(&format!("    with:\n      method: POST\n      url: \"{url}\"\n"));
+        let prev = if k == 1 { "0".to_owned() } else { format!("steps.s{}.output.body.echo.total", k - 1) };
+        yaml.push_str(&format!("      json: {{total: \"{{{{ {prev} + {k} }}}}\"}}\n"));
+    }
+    yaml.push_str("output: \"{{ steps.s5.output.body.echo.total }}\"\n");
+    let file = dir.join("crashy.yaml");
+    std::fs::write(&file, yaml).unwrap();
+
+    let mut first = switchyard(&db)
+        .env("SWITCHYARD_LEASE", "1s")
+        .arg("run")
+        .arg(&file)
+        .args(["--input", r#"{"n": 7}"#])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(first.stderr.take().unwrap()).lines();
+    let first_line = stderr.next_line().await.unwrap().unwrap();
+    let run_id = first_line.split_whitespace().nth(1).unwrap().to_owned();
+    server.wait_for_held("s3").await;
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+    assert_eq!(server.count("s4"), 0);
+
+    // A worker picks the run up once the dead process's lease expires.
+    let out = switchyard(&db).env("SWITCHYARD_LEASE", "1s").args(["worker", "--exit-when-idle"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let store = store(&dir).await;
+    let run = store.run(&run_id).await.unwrap().unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{:?}", run.error);
+    assert_eq!(run.output, Some(json!(15)));
+    assert_eq!((server.count("s1"), server.count("s2"), server.count("s4"), server.count("s5")), (1, 1, 1, 1));
+    let s3 = server.calls_to("s3");
+    assert_eq!(s3.len(), 2, "step 3 ran again once");
+    assert_eq!(s3[0].idempotency_key, s3[1].idempotency_key);
+    assert_eq!(s3[0].idempotency_key.as_deref(), Some(&format!("{run_id}/s3")[..]));
+    let j = journal(&store, &run_id).await;
+    let attempts: Vec<u32> = step_events(&j, "s3")
+        .iter()
+        .filter_map(|e| match e.event {
+            Event::StepStarted { attempt, .. } => Some(attempt),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attempts, [1, 2]);
+
+    // The CLI shows the finished run.
+    let out = switchyard(&db).args(["runs", "show", &run_id]).output().await.unwrap();
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains("status:   succeeded") && shown.contains("s3"), "{shown}");
+    server.stop().await;
+}

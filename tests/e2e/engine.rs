@@ -1,0 +1,424 @@
+//! The engine in-process: retries, timeouts, cancellation, concurrency,
+//! branches, durable sleeps, map, resume.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard_orchestrator::EngineOptions;
+use switchyard_orchestrator::engine::Cancelled;
+use switchyard_orchestrator::journal::{Event, RunStatus};
+use switchyard_steps::{Clock, ManualClock, SystemClock};
+use switchyard_tests::{CounterServer, temp_dir};
+
+use crate::support::{compile, drive, engine, journal, step_events, store};
+
+const T0: i64 = 1_800_000_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_policy_under_a_manual_clock() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("retries");
+    let store = store(&dir).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let yaml = format!(
+        r#"
+name: retries
+steps:
+  - id: flaky
+    kind: http
+    with: {{url: "{flaky}"}}
+    retry: {{max_attempts: 4, initial_delay: 10s, multiplier: 3, max_delay: 1m}}
+  - id: hopeless
+    kind: http
+    needs: [flaky]
+    with: {{url: "{hopeless}"}}
+    retry: {{max_attempts: 3, initial_delay: 10s, multiplier: 10, max_delay: 15s}}
+"#,
+        flaky = server.url("/hit/flaky?fail_first=2"),
+        hopeless = server.url("/hit/hopeless?fail_first=100"),
+    );
+    let def = compile(&dir, "retries.yaml", &yaml);
+    let outcome = drive(&clock, engine.run(&def, json!({}))).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+
+    // flaky: two 503s, then success on attempt 3, after 10s and 30s.
+    assert_eq!(server.count("flaky"), 3);
+    let keys: Vec<_> = server.calls_to("flaky").into_iter().map(|c| c.idempotency_key).collect();
+    assert!(keys.iter().all(|k| k.as_deref() == Some(&format!("{}/flaky", outcome.id)[..])), "{keys:?}");
+    let j = journal(&store, &outcome.id).await;
+    let delays: Vec<i64> = step_events(&j, "flaky")
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::StepFailed { retry_at: Some(at), .. } => Some(at - e.at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [10_000, 30_000]);
+
+    // hopeless: stops at max_attempts, the delay clamped to max_delay.
+    assert_eq!(server.count("hopeless"), 3);
+    let delays: Vec<i64> = step_events(&j, "hopeless")
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::StepFailed { retry_at: Some(at), .. } => Some(at - e.at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays, [10_000, 15_000]);
+    assert!(outcome.error.unwrap().message.contains("step hopeless"));
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_retryable_errors_are_not_retried() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("noretry");
+    let store = store(&dir).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store, Arc::new(clock.clone()), EngineOptions::default());
+    let yaml = format!(
+        "name: noretry\nsteps:\n  - id: bad\n    kind: http\n    with: {{url: \"{}\"}}\n    retry: {{max_attempts: 5}}\n",
+        server.url("/hit/bad?status=404")
+    );
+    let def = compile(&dir, "noretry.yaml", &yaml);
+    let outcome = drive(&clock, engine.run(&def, json!({}))).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    assert_eq!(outcome.error.unwrap().code, "http_404");
+    assert_eq!(server.count("bad"), 1);
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_fails_the_attempt() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("timeout");
+    let store = store(&dir).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let yaml = format!(
+        "name: slow\nsteps:\n  - id: slow\n    kind: http\n    timeout: 30s\n    with: {{url: \"{}\"}}\n",
+        server.url("/hit/slow?hold_first=5")
+    );
+    let def = compile(&dir, "slow.yaml", &yaml);
+    let outcome = drive(&clock, engine.run(&def, json!({}))).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    assert_eq!(outcome.error.as_ref().unwrap().code, "timeout");
+    let j = journal(&store, &outcome.id).await;
+    let failed_at = step_events(&j, "slow").last().unwrap().at;
+    let started_at = step_events(&j, "slow")[0].at;
+    assert_eq!(failed_at - started_at, 30_000);
+    // The abandoned request was dropped, not left running.
+    server.wait_idle().await;
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_the_run_and_its_running_steps() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("cancel");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let yaml = format!(
+        "name: blocked\nsteps:\n  - id: wait\n    kind: http\n    with: {{url: \"{}\"}}\n  - id: after\n    kind: transform\n    needs: [wait]\n    with: {{}}\n",
+        server.url("/hit/block?hold_first=1")
+    );
+    let def = compile(&dir, "blocked.yaml", &yaml);
+    let id = engine.submit(&def, json!({})).await.unwrap();
+    server.wait_for_held("block").await;
+    assert_eq!(engine.cancel(&id).await.unwrap(), Cancelled::Requested);
+    let outcome = engine.wait(&id).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Cancelled);
+    server.wait_idle().await;
+    assert_eq!(server.calls_to("block")[0].ended_at, None, "the held request was abandoned");
+    let record = store.run(&id).await.unwrap().unwrap();
+    assert_eq!(record.status, RunStatus::Cancelled);
+    assert!(step_events(&journal(&store, &id).await, "after").is_empty());
+    assert_eq!(engine.cancel(&id).await.unwrap(), Cancelled::AlreadyFinished(RunStatus::Cancelled));
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_steps_overlap() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("overlap");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let yaml = format!(
+        r#"
+name: overlap
+steps:
+  - id: a
+    kind: http
+    with: {{url: "{a}"}}
+  - id: b
+    kind: http
+    with: {{url: "{b}"}}
+  - id: both
+    kind: transform
+    needs: [a, b]
+    with: ["{{{{ steps.a.output.body.name }}}}", "{{{{ steps.b.output.body.name }}}}"]
+output: "{{{{ steps.both.output }}}}"
+"#,
+        a = server.url("/hit/a?hold_first=1"),
+        b = server.url("/hit/b?hold_first=1"),
+    );
+    let def = compile(&dir, "overlap.yaml", &yaml);
+    let id = engine.submit(&def, json!({})).await.unwrap();
+    // Both requests are in flight at once before either is answered.
+    server.wait_for_held("a").await;
+    server.wait_for_held("b").await;
+    assert_eq!(server.in_flight(), 2);
+    server.release("a");
+    server.release("b");
+    let outcome = engine.wait(&id).await.unwrap();
+    assert_eq!(outcome.output, Some(json!(["a", "b"])));
+    let j = journal(&store, &id).await;
+    let span = |step: &str| {
+        let ev = step_events(&j, step);
+        (ev.first().unwrap().at, ev.last().unwrap().at)
+    };
+    let (a0, a1) = span("a");
+    let (b0, b1) = span("b");
+    assert!(a0 <= b1 && b0 <= a1, "a {a0}..{a1} and b {b0}..{b1} do not overlap");
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_skips_the_other_path_and_the_join_runs() {
+    let dir = temp_dir("switch");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let def = compile(
+        &dir,
+        "switch.yaml",
+        r#"
+name: triage
+steps:
+  - id: route
+    kind: switch
+    with:
+      cases:
+        - {when: "input.severity == 'critical'", path: page}
+      default: ticket
+  - id: page
+    kind: transform
+    needs: [route.page]
+    with: {action: page}
+  - id: escalate
+    kind: transform
+    needs: [page]
+    with: {action: escalate}
+  - id: ticket
+    kind: transform
+    needs: [route.ticket]
+    with: {action: ticket}
+  - id: done
+    kind: transform
+    needs: [escalate, ticket]
+    join: any
+    with:
+      page: "{{ steps.escalate.status }}"
+      ticket: "{{ steps.ticket.status }}"
+  - id: strict
+    kind: transform
+    needs: [escalate, ticket]
+    with: {}
+output: "{{ steps.done.output }}"
+"#,
+    );
+    let outcome = engine.run(&def, json!({"severity": "low"})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    assert_eq!(outcome.output, Some(json!({"page": "skipped", "ticket": "succeeded"})));
+    let j = journal(&store, &outcome.id).await;
+    let skipped = |step: &str| step_events(&j, step).iter().any(|e| matches!(e.event, Event::StepSkipped { .. }));
+    assert!(skipped("page") && skipped("escalate") && skipped("strict"));
+    assert!(!skipped("ticket") && !skipped("done"));
+
+    let outcome = engine.run(&def, json!({"severity": "critical"})).await.unwrap();
+    assert_eq!(outcome.output, Some(json!({"page": "succeeded", "ticket": "skipped"})));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hour_long_sleep_survives_a_restart() {
+    let dir = temp_dir("sleep");
+    let store = store(&dir).await;
+    let yaml = r#"
+name: nap
+steps:
+  - id: before
+    kind: transform
+    with: {at: "{{ input.n }}"}
+  - id: nap
+    kind: sleep
+    needs: [before]
+    with: {duration: 1h}
+  - id: after
+    kind: transform
+    needs: [nap]
+    with: {slept_until: "{{ steps.nap.output.woke_at_ms }}"}
+output: "{{ steps.after.output }}"
+"#;
+    let def = compile(&dir, "nap.yaml", yaml);
+
+    let clock = ManualClock::new(T0);
+    let first = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let id = first.submit(&def, json!({"n": 1})).await.unwrap();
+    // The run parks: its only timer is the engine's wake-up an hour from now.
+    assert_eq!(clock.next_sleeper().await, T0 + 3_600_000);
+    let parked = store.run(&id).await.unwrap().unwrap();
+    assert_eq!(parked.status, RunStatus::Waiting);
+    assert_eq!(parked.owner, None, "a parked run holds no lease");
+    first.shutdown().await;
+
+    // A new process, half an hour later: the run still waits.
+    let clock = ManualClock::new(T0 + 1_800_000);
+    let options = EngineOptions { worker: true, ..Default::default() };
+    let second = engine(store.clone(), Arc::new(clock.clone()), options);
+    assert_eq!(clock.next_sleeper().await, T0 + 3_600_000);
+    assert_eq!(store.run(&id).await.unwrap().unwrap().status, RunStatus::Waiting);
+    clock.advance(Duration::from_secs(1800));
+    let outcome = drive(&clock, second.wait(&id)).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    assert_eq!(outcome.output, Some(json!({"slept_until": T0 + 3_600_000})));
+    let j = journal(&store, &id).await;
+    let starts = |s: &str| step_events(&j, s).iter().filter(|e| matches!(e.event, Event::StepStarted { .. })).count();
+    assert_eq!((starts("before"), starts("nap"), starts("after")), (1, 1, 1));
+    assert!(clock.now_ms() >= T0 + 3_600_000);
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_bounds_concurrency_and_keeps_item_order() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("map");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let yaml = format!(
+        r#"
+name: fan
+steps:
+  - id: each
+    kind: map
+    with:
+      items: "{{{{ range(input.n) | list }}}}"
+      concurrency: 10
+      input: {{n: "{{{{ item }}}}"}}
+      steps:
+        - id: call
+          kind: http
+          with:
+            url: "{url}"
+            query: {{i: "{{{{ input.n }}}}"}}
+      output: "{{{{ steps.call.output.body.query.i | int * 2 }}}}"
+output: "{{{{ steps.each.output }}}}"
+"#,
+        url = server.url("/hit/item"),
+    );
+    let def = compile(&dir, "fan.yaml", &yaml);
+    let outcome = engine.run(&def, json!({"n": 1000})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    let expected: Vec<Value> = (0..1000).map(|i| json!(i * 2)).collect();
+    assert_eq!(outcome.output, Some(Value::Array(expected)));
+    assert_eq!(server.count("item"), 1000);
+    assert!(server.max_in_flight() <= 10, "max in flight {}", server.max_in_flight());
+    assert_eq!(store.children(&outcome.id).await.unwrap().len(), 1000);
+    // Each item's step has its own idempotency key, with the item index.
+    let key = server.calls_to("item").into_iter().find(|c| c.query["i"] == "7").unwrap().idempotency_key;
+    assert_eq!(key.as_deref(), Some(&format!("{}/each/7/call", outcome.id)[..]));
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_resumes_from_the_failed_step() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("resume");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let yaml = format!(
+        r#"
+name: incomplete
+steps:
+  - id: first
+    kind: http
+    with: {{url: "{first}"}}
+  - id: child
+    kind: workflow
+    needs: [first]
+    with: {{path: child.yaml, input: {{n: 2}}}}
+output: "{{{{ steps.child.output }}}}"
+"#,
+        first = server.url("/hit/first"),
+    );
+    let child = format!(
+        "name: child\nsteps:\n  - id: once\n    kind: http\n    with: {{url: \"{}\"}}\n  - id: flaky\n    kind: http\n    needs: [once]\n    with: {{url: \"{}\"}}\noutput: \"{{{{ input.n * 10 }}}}\"\n",
+        server.url("/hit/once"),
+        server.url("/hit/flaky?fail_first=1")
+    );
+    std::fs::write(dir.join("child.yaml"), child).unwrap();
+    let def = compile(&dir, "incomplete.yaml", &yaml);
+    let outcome = engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    assert_eq!(outcome.error.as_ref().unwrap().code, "child_failed");
+
+    engine.resume(&outcome.id).await.unwrap();
+    let resumed = engine.wait(&outcome.id).await.unwrap();
+    assert_eq!(resumed.status, RunStatus::Succeeded, "{:?}", resumed.error);
+    assert_eq!(resumed.output, Some(json!(20)));
+    // Completed work was reused: only the failed step ran again.
+    assert_eq!((server.count("first"), server.count("once"), server.count("flaky")), (1, 1, 2));
+    assert!(engine.resume(&outcome.id).await.is_err(), "a succeeded run cannot be resumed");
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_workflow_concurrency_queues_excess_runs() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("limit");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let yaml = format!(
+        "name: limited\nconcurrency: 1\nsteps:\n  - id: work\n    kind: http\n    with: {{url: \"{}\"}}\n",
+        server.url("/hit/work?hold_first=1")
+    );
+    let def = compile(&dir, "limited.yaml", &yaml);
+    let first = engine.submit(&def, json!({})).await.unwrap();
+    server.wait_for_held("work").await;
+    let second = engine.submit(&def, json!({})).await.unwrap();
+    // The second run waits for the first one's slot.
+    assert_eq!(store.run(&second).await.unwrap().unwrap().status, RunStatus::Queued);
+    assert_eq!(server.count("work"), 1);
+    server.release("work");
+    for id in [&first, &second] {
+        assert_eq!(engine.wait(id).await.unwrap().status, RunStatus::Succeeded);
+    }
+    assert_eq!(server.count("work"), 2);
+    engine.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_is_rejected_before_anything_is_stored() {
+    let dir = temp_dir("input");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let def = compile(
+        &dir,
+        "typed.yaml",
+        "name: typed\ninput: {type: object, required: [n], properties: {n: {type: integer}}}\nsteps:\n  - id: t\n    kind: transform\n    with: {}\n",
+    );
+    let err = engine.submit(&def, json!({"n": "x"})).await.unwrap_err();
+    assert!(err.to_string().contains("input/n"), "{err}");
+    assert!(store.runs(None, true, 10).await.unwrap().is_empty());
+    engine.shutdown().await;
+    let _ = SystemClock.now_ms();
+}

@@ -1,0 +1,68 @@
+//! Shared setup: an engine on a fresh SQLite file, workflows from text, and a
+//! driver for the manual clock.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use switchyard_integrations::http::ReqwestHttp;
+use switchyard_orchestrator::compile::compile_file;
+use switchyard_orchestrator::journal::Event;
+use switchyard_orchestrator::store::{JournalEntry, SqliteOptions, SqliteStore, Store};
+use switchyard_orchestrator::{Definition, Engine, EngineOptions};
+use switchyard_steps::{Clock, ManualClock, Registry};
+use switchyard_tests::TempDir;
+
+pub fn registry() -> Registry {
+    switchyard_tests::install_crypto_provider();
+    switchyard_orchestrator::registry(Arc::new(ReqwestHttp::new().expect("http client")))
+}
+
+pub async fn store(dir: &TempDir) -> Arc<dyn Store> {
+    let url = dir.join("switchyard.db").display().to_string();
+    Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full: false }).await.expect("open store"))
+}
+
+pub fn engine(store: Arc<dyn Store>, clock: Arc<dyn Clock>, options: EngineOptions) -> Engine {
+    Engine::start(store, registry(), clock, options)
+}
+
+/// Writes `yaml` to `{dir}/{name}` and compiles it.
+pub fn compile(dir: &TempDir, name: &str, yaml: &str) -> Definition {
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).expect("write workflow");
+    compile_file(&path, &registry()).unwrap_or_else(|e| panic!("{name} does not compile:\n{e}"))
+}
+
+/// Polls `fut` to completion, moving the manual clock to the next deadline
+/// whenever something sleeps on it: time passes only while the engine waits.
+pub async fn drive<F: Future>(clock: &ManualClock, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    for _ in 0..10_000 {
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            deadline = clock.next_sleeper() => clock.advance_to(deadline),
+        }
+    }
+    panic!("the run did not finish after 10000 clock advances");
+}
+
+pub async fn journal(store: &Arc<dyn Store>, run: &str) -> Vec<JournalEntry> {
+    store.journal(run).await.expect("journal")
+}
+
+/// Events of one step, in order.
+pub fn step_events<'a>(journal: &'a [JournalEntry], step: &str) -> Vec<&'a JournalEntry> {
+    journal
+        .iter()
+        .filter(|e| match &e.event {
+            Event::StepStarted { step: s, .. }
+            | Event::StepSucceeded { step: s, .. }
+            | Event::StepFailed { step: s, .. }
+            | Event::StepSuspended { step: s, .. }
+            | Event::StepSkipped { step: s, .. }
+            | Event::StepOp { step: s, .. } => s == step,
+            _ => false,
+        })
+        .collect()
+}
