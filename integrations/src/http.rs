@@ -72,7 +72,7 @@ impl HttpClient for ReqwestHttp {
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
             if body.len() + chunk.len() > MAX_BODY {
-                return Err(HttpError::Other(format!("response body exceeds {MAX_BODY} bytes")));
+                return Err(HttpError::TooLarge(format!("the body exceeds {MAX_BODY} bytes")));
             }
             body.extend_from_slice(&chunk);
         }

@@ -112,16 +112,11 @@ fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-/// Runs the named workloads and prints their JSON lines.
-pub async fn run(workload: &str, synchronous_full: bool) -> Result<()> {
-    let chosen: Vec<&str> = match workload {
-        "all" => vec!["chain40", "fanout100"],
-        "chain40" | "fanout100" => vec![workload],
-        other => bail!("unknown workload {other:?} (all, chain40, fanout100)"),
-    };
+/// Runs the named workloads (`chain40`, `fanout100`) and prints their JSON lines.
+pub async fn run(chosen: &[&str], synchronous_full: bool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run_in(&dir, &chosen, synchronous_full).await;
+    let result = run_in(&dir, chosen, synchronous_full).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
@@ -169,7 +164,7 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                     Err(e) => emit(json!({"workload": "fanout100", "metric": "latency", "n": 20, "error": e.to_string()})),
                 }
             }
-            _ => unreachable!("checked above"),
+            other => bail!("unknown workload {other:?}"),
         }
     }
     engine.shutdown().await;

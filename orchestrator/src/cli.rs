@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use switchyard_steps::{Registry, SystemClock};
 
@@ -26,8 +26,8 @@ pub struct Cli {
     db: String,
     /// SQLite sync mode: `full` (durable across power loss) or `normal`
     /// (durable across process crashes).
-    #[arg(long, global = true, env = "SWITCHYARD_SQLITE_SYNC", default_value = "full")]
-    sqlite_sync: String,
+    #[arg(long, global = true, env = "SWITCHYARD_SQLITE_SYNC", value_enum, default_value = "full")]
+    sqlite_sync: SqliteSync,
     /// How long a process's claim on a run lasts without renewal.
     #[arg(long, global = true, env = "SWITCHYARD_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
@@ -36,6 +36,23 @@ pub struct Cli {
     max_runs: usize,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SqliteSync {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    All,
+    Chain40,
+    Fanout100,
+}
+
+fn parse_status(s: &str) -> Result<RunStatus, String> {
+    RunStatus::parse(s).ok_or_else(|| "use queued, running, waiting, succeeded, failed or cancelled".to_owned())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -69,9 +86,8 @@ enum Command {
     },
     /// Run the benchmark workloads (chain40, fanout100); prints JSON lines.
     Bench {
-        /// `all`, `chain40` or `fanout100`.
-        #[arg(long, default_value = "all")]
-        workload: String,
+        #[arg(long, value_enum, default_value = "all")]
+        workload: Workload,
     },
 }
 
@@ -79,8 +95,8 @@ enum Command {
 enum RunsCommand {
     /// Recent root runs, newest first.
     List {
-        #[arg(long)]
-        status: Option<String>,
+        #[arg(long, value_parser = parse_status)]
+        status: Option<RunStatus>,
         #[arg(long, default_value_t = 50)]
         limit: i64,
     },
@@ -124,11 +140,7 @@ fn registry() -> Result<Registry> {
 }
 
 async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
-    let synchronous_full = match cli.sqlite_sync.to_ascii_lowercase().as_str() {
-        "full" => true,
-        "normal" => false,
-        other => bail!("SWITCHYARD_SQLITE_SYNC: {other:?} is not `full` or `normal`"),
-    };
+    let synchronous_full = cli.sqlite_sync == SqliteSync::Full;
     let store = SqliteStore::open(&SqliteOptions { url: cli.db.clone(), synchronous_full })
         .await
         .with_context(|| format!("opening database {}", cli.db))?;
@@ -216,8 +228,12 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Bench { workload } => {
-            let synchronous_full = !cli.sqlite_sync.eq_ignore_ascii_case("normal");
-            crate::bench::run(workload, synchronous_full).await?;
+            let chosen: &[&str] = match workload {
+                Workload::All => &["chain40", "fanout100"],
+                Workload::Chain40 => &["chain40"],
+                Workload::Fanout100 => &["fanout100"],
+            };
+            crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -283,13 +299,7 @@ fn print_outcome(outcome: &RunOutcome) -> ExitCode {
 async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result<ExitCode> {
     match command {
         RunsCommand::List { status, limit } => {
-            let status = match status {
-                Some(s) => Some(RunStatus::parse(s).with_context(|| {
-                    format!("unknown status {s:?} (queued, running, waiting, succeeded, failed, cancelled)")
-                })?),
-                None => None,
-            };
-            let runs = store.runs(status, false, *limit).await?;
+            let runs = store.runs(*status, false, *limit).await?;
             println!("{:<36}  {:<24}  {:<10}  {}", "RUN", "WORKFLOW", "STATUS", "CREATED");
             for r in runs {
                 println!("{:<36}  {:<24}  {:<10}  {}", r.id, r.workflow, r.status, report::format_ms(r.created_at));

@@ -97,6 +97,7 @@ pub fn compile_from(root: &str, loader: &dyn Loader, registry: &Registry) -> Res
         loader,
         files: BTreeMap::new(),
         stack: Vec::new(),
+        names: Vec::new(),
         cache: HashMap::new(),
         errors: Vec::new(),
     };
@@ -122,6 +123,8 @@ struct Compiler<'a> {
     loader: &'a dyn Loader,
     files: BTreeMap<String, String>,
     stack: Vec<String>,
+    /// Names of the workflows being compiled, innermost last.
+    names: Vec<String>,
     cache: HashMap<String, Arc<Workflow>>,
     errors: Vec<CompileError>,
 }
@@ -244,6 +247,13 @@ impl Compiler<'_> {
 
     /// Compiles a spec; `prefix` places inline sub-workflows (`steps[2].with.`).
     fn workflow(&mut self, file: &str, prefix: &str, name: String, spec: Spec) -> Option<Workflow> {
+        self.names.push(name.clone());
+        let compiled = self.workflow_inner(file, prefix, name, spec);
+        self.names.pop();
+        compiled
+    }
+
+    fn workflow_inner(&mut self, file: &str, prefix: &str, name: String, spec: Spec) -> Option<Workflow> {
         let errors_before = self.errors.len();
         if name.trim().is_empty() {
             self.error(file, format!("{prefix}name"), "must not be empty");
@@ -499,7 +509,7 @@ impl Compiler<'_> {
                             steps,
                             output: cfg.output,
                         };
-                        let name = format!("{}.{}", self.stack.last().map(String::as_str).unwrap_or(file), s.id);
+                        let name = format!("{}.{}", self.names.last().map(String::as_str).unwrap_or(file), s.id);
                         self.workflow(file, &format!("{with_place}."), name, spec).map(Arc::new)
                     }
                     (None, Some(path)) => {
@@ -573,7 +583,9 @@ impl Compiler<'_> {
     ) -> Option<ValueTemplate> {
         match templates.value(place, value) {
             Ok((tpl, refs)) => {
-                self.check_refs(file, place, &refs, scope, all, me);
+                for (at, refs) in refs {
+                    self.check_refs(file, &at, &refs, scope, all, me);
+                }
                 Some(tpl)
             }
             Err(errors) => {

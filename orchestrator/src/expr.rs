@@ -89,8 +89,9 @@ impl Templates {
     }
 
     /// Parses a value template; `place` names it (and its template strings).
-    pub fn value(&mut self, place: &str, value: &Value) -> Result<(ValueTemplate, Refs), Vec<(String, String)>> {
-        let mut refs = Refs::new();
+    /// Returns the variables read, by the place of the string reading them.
+    pub fn value(&mut self, place: &str, value: &Value) -> Result<(ValueTemplate, Vec<(String, Refs)>), Vec<(String, String)>> {
+        let mut refs = Vec::new();
         let mut errors = Vec::new();
         let tpl = self.value_inner(place, value, &mut refs, &mut errors);
         if errors.is_empty() { Ok((tpl, refs)) } else { Err(errors) }
@@ -100,7 +101,7 @@ impl Templates {
         &mut self,
         place: &str,
         value: &Value,
-        refs: &mut Refs,
+        refs: &mut Vec<(String, Refs)>,
         errors: &mut Vec<(String, String)>,
     ) -> ValueTemplate {
         match value {
@@ -108,7 +109,7 @@ impl Templates {
                 if let Some(inner) = pure_expression(s) {
                     match self.expr(inner) {
                         Ok((e, r)) => {
-                            refs.extend(r);
+                            refs.push((place.to_owned(), r));
                             ValueTemplate::Expr(e)
                         }
                         Err(m) => {
@@ -120,7 +121,7 @@ impl Templates {
                     match self.env.add_template_owned(place.to_owned(), s.clone()) {
                         Ok(()) => {
                             let t = self.env.get_template(place).expect("just added");
-                            refs.extend(filter_globals(t.undeclared_variables(true)));
+                            refs.push((place.to_owned(), filter_globals(t.undeclared_variables(true))));
                             ValueTemplate::Text(place.into())
                         }
                         Err(e) => {
@@ -192,14 +193,6 @@ impl Templates {
     }
 }
 
-impl ValueTemplate {
-    /// The value with template strings left as written, for compile-time
-    /// config checks.
-    pub fn is_literal(&self) -> bool {
-        matches!(self, ValueTemplate::Literal(_))
-    }
-}
-
 fn filter_globals(vars: std::collections::HashSet<String>) -> Refs {
     vars.into_iter()
         .filter(|v| !GLOBALS.contains(&v.split('.').next().unwrap_or_default()))
@@ -245,7 +238,9 @@ mod tests {
         let (tpl, refs) = t
             .value("with", &json!({"n": "{{ input.n + 1 }}", "s": "host {{ input.name }}", "l": ["{{ steps.a.output }}", 3]}))
             .unwrap();
-        assert_eq!(refs, Refs::from(["input.n".into(), "input.name".into(), "steps.a.output".into()]));
+        let all: Refs = refs.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
+        assert_eq!(all, Refs::from(["input.n".into(), "input.name".into(), "steps.a.output".into()]));
+        assert_eq!(refs[0].0, "with.l[0]");
         let out = t.render(&tpl, &ctx()).unwrap();
         assert_eq!(out, json!({"n": 3, "s": "host db", "l": [[1, 2], 3]}));
     }

@@ -146,15 +146,16 @@ impl StepContext {
 
     /// A durable sleep: the wake-up time is journaled on the first call, so a
     /// restart resumes with the remaining time. Returns `Stop::Suspend` while
-    /// the time has not come, which frees the task.
-    pub async fn sleep(&mut self, duration: Duration) -> StepResult<()> {
+    /// the time has not come, which frees the task; then the wake-up time.
+    pub async fn sleep(&mut self, duration: Duration) -> StepResult<i64> {
         let now = self.now_ms();
         let at = self
             .journaled("sleep_until", async move {
                 Ok(now.saturating_add(duration.as_millis().min(i64::MAX as u128) as i64))
             })
             .await?;
-        self.sleep_until(at)
+        self.sleep_until(at)?;
+        Ok(at)
     }
 
     /// Suspends until `at_ms` (unix milliseconds) unless it has passed.

@@ -37,6 +37,8 @@ pub enum HttpError {
     Connect(String),
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("response too large: {0}")]
+    TooLarge(String),
     #[error("{0}")]
     Other(String),
 }

@@ -130,7 +130,7 @@ async fn cancelling_stops_the_run_and_its_running_steps() {
     let def = compile(&dir, "blocked.yaml", &yaml);
     let id = engine.submit(&def, json!({})).await.unwrap();
     server.wait_for_held("block").await;
-    assert_eq!(engine.cancel(&id).await.unwrap(), Cancelled::Requested);
+    assert_eq!(engine.cancel(&id).await.unwrap(), Cancelled::Done);
     let outcome = engine.wait(&id).await.unwrap();
     assert_eq!(outcome.status, RunStatus::Cancelled);
     server.wait_idle().await;
@@ -421,4 +421,75 @@ async fn invalid_input_is_rejected_before_anything_is_stored() {
     assert!(store.runs(None, true, 10).await.unwrap().is_empty());
     engine.shutdown().await;
     let _ = SystemClock.now_ms();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_runs_to_the_next_worker_without_ending_them() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("handover");
+    let store = store(&dir).await;
+    let yaml = format!(
+        "name: handover\nsteps:\n  - id: first\n    kind: transform\n    with: {{ok: true}}\n  - id: slow\n    kind: http\n    needs: [first]\n    with: {{url: \"{}\"}}\noutput: \"{{{{ steps.slow.output.body.count }}}}\"\n",
+        server.url("/hit/slow?hold_first=1")
+    );
+    let def = compile(&dir, "handover.yaml", &yaml);
+    let first = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let id = first.submit(&def, json!({})).await.unwrap();
+    server.wait_for_held("slow").await;
+    first.shutdown().await;
+    let left = store.run(&id).await.unwrap().unwrap();
+    assert_eq!((left.status, left.owner), (RunStatus::Running, None));
+
+    let options = EngineOptions { worker: true, ..Default::default() };
+    let second = engine(store.clone(), Arc::new(SystemClock), options);
+    let outcome = second.wait(&id).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    assert_eq!(outcome.output, Some(json!(2)), "the interrupted request was made again");
+    let j = journal(&store, &id).await;
+    let starts = |s: &str| step_events(&j, s).iter().filter(|e| matches!(e.event, Event::StepStarted { .. })).count();
+    assert_eq!((starts("first"), starts("slow")), (1, 2));
+    second.shutdown().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_sleep_waits_in_memory_and_records_its_time_once() {
+    let dir = temp_dir("nap");
+    let store = store(&dir).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let def = compile(
+        &dir,
+        "short.yaml",
+        "name: short\nsteps:\n  - id: nap\n    kind: sleep\n    with: {duration: 3s}\noutput: \"{{ steps.nap.output.until_ms }}\"\n",
+    );
+    let outcome = drive(&clock, engine.run(&def, json!({}))).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    assert_eq!(outcome.output, Some(json!(T0 + 3_000)));
+    let j = journal(&store, &outcome.id).await;
+    let ops = step_events(&j, "nap").iter().filter(|e| matches!(e.event, Event::StepOp { .. })).count();
+    assert_eq!(ops, 1, "the wake-up time is journaled once");
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_ends_its_child_runs() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("cancel-children");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let yaml = format!(
+        "name: parent\nsteps:\n  - id: each\n    kind: map\n    with:\n      items: [1, 2]\n      steps:\n        - id: call\n          kind: http\n          with: {{url: \"{}\"}}\n",
+        server.url("/hit/c?hold_first=2")
+    );
+    let def = compile(&dir, "parent.yaml", &yaml);
+    let id = engine.submit(&def, json!({})).await.unwrap();
+    server.wait_for_calls("c", 2).await;
+    assert_eq!(engine.cancel(&id).await.unwrap(), Cancelled::Done);
+    let children = store.children(&id).await.unwrap();
+    assert_eq!(children.len(), 2);
+    assert!(children.iter().all(|c| c.status == RunStatus::Cancelled), "{children:?}");
+    server.wait_idle().await;
+    engine.shutdown().await;
+    server.stop().await;
 }

@@ -6,7 +6,7 @@
 //! lease) and driven again by the engine's timer when due.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use minijinja::Value as MjValue;
 use serde_json::{Value, json};
@@ -65,7 +65,9 @@ struct StepState {
     /// from here.
     budget_start: u32,
     output: Option<Value>,
-    ops: Vec<RecordedOp>,
+    /// Sub-operations journaled by the current attempt (replayed when it is
+    /// called again); shared with the attempt's op sink.
+    ops: Arc<Mutex<Vec<RecordedOp>>>,
     due: Option<i64>,
     /// `{output, status}` for templates, built once when the step completes.
     view: Option<MjValue>,
@@ -73,7 +75,15 @@ struct StepState {
 
 impl StepState {
     fn new() -> Self {
-        Self { status: Status::Pending, attempt: 0, budget_start: 0, output: None, ops: Vec::new(), due: None, view: None }
+        Self {
+            status: Status::Pending,
+            attempt: 0,
+            budget_start: 0,
+            output: None,
+            ops: Arc::default(),
+            due: None,
+            view: None,
+        }
     }
     fn complete(&mut self, status: Status, output: Option<Value>) {
         self.status = status;
@@ -129,6 +139,8 @@ pub(crate) struct Driver {
     launches: Vec<Launch>,
     /// Events decided but not yet committed.
     pending: Vec<Event>,
+    /// The run's row says `running` after the first commit of this drive.
+    mark_running: bool,
     /// Set once a step failed for good: nothing new starts.
     failure: Option<StepError>,
     finished: Option<RunStatus>,
@@ -161,15 +173,17 @@ impl Driver {
                     s.status = Status::Running;
                     s.attempt = *attempt;
                 }
-                Event::StepOp { step, index: op, name, value, .. } => {
-                    steps[index(step)?].ops.push(RecordedOp { index: *op, name: name.clone(), value: value.clone() })
-                }
+                Event::StepOp { step, index: op, name, value, .. } => steps[index(step)?]
+                    .ops
+                    .lock()
+                    .expect("ops")
+                    .push(RecordedOp { index: *op, name: name.clone(), value: value.clone() }),
                 Event::StepSucceeded { step, output, .. } => {
                     steps[index(step)?].complete(Status::Succeeded, Some(output.clone()))
                 }
                 Event::StepFailed { step, error, retry_at, continued, .. } => {
                     let s = &mut steps[index(step)?];
-                    s.ops.clear();
+                    s.ops.lock().expect("ops").clear();
                     if let Some(at) = retry_at {
                         s.status = Status::Backoff;
                         s.due = Some(*at);
@@ -220,6 +234,7 @@ impl Driver {
             running: JoinSet::new(),
             launches: Vec::new(),
             pending: Vec::new(),
+            mark_running: true,
             failure,
             finished,
         })
@@ -255,8 +270,10 @@ impl Driver {
             // of finished attempts, skips, switch choices and the starts of
             // the attempts they unblock. Only then do those attempts run.
             let events = std::mem::take(&mut self.pending);
-            if !events.is_empty() {
-                self.journal.commit(events, None).await?;
+            let update = std::mem::take(&mut self.mark_running)
+                .then(|| RunUpdate { status: Some(RunStatus::Running), ..Default::default() });
+            if !events.is_empty() || update.is_some() {
+                self.journal.commit(events, update).await?;
             }
             for launch in self.launches.drain(..) {
                 self.running.spawn(launch);
@@ -445,7 +462,8 @@ impl Driver {
         st.status = Status::Running;
         st.due = None;
         let attempt = st.attempt;
-        let replay = st.ops.clone();
+        let replay = st.ops.lock().expect("ops").clone();
+        let recorded = st.ops.clone();
         let ctx_value = self.context(&[]);
         let ctx = StepContext::new(
             self.run_id.clone(),
@@ -455,7 +473,7 @@ impl Driver {
             self.inner.clock.clone(),
             self.cancel.child_token(),
             replay,
-            Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt }),
+            Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt, recorded }),
         );
         let work = match self.prepare(i, &ctx_value) {
             Ok(work) => work,
@@ -594,7 +612,7 @@ impl Driver {
                     st.status = status;
                     st.due = due;
                     if status == Status::Backoff {
-                        st.ops.clear();
+                        st.ops.lock().expect("ops").clear();
                     }
                 }
                 _ => st.complete(status, output),
@@ -603,7 +621,7 @@ impl Driver {
         Ok(())
     }
 
-    async fn park(mut self, wake_at: i64) -> Result<Outcome, DriveError> {
+    async fn park(self, wake_at: i64) -> Result<Outcome, DriveError> {
         let update = RunUpdate {
             status: Some(RunStatus::Waiting),
             wake_at: Some(wake_at),
@@ -635,14 +653,19 @@ impl Driver {
     }
 
     async fn finish_cancelled(mut self) -> Result<Outcome, DriveError> {
-        self.running.abort_all();
-        while self.running.join_next().await.is_some() {}
+        // Running attempts see the cancellation (actions stop at once, child
+        // runs end `cancelled` first); their ends are journaled with the run's.
+        let mut batch = Vec::new();
+        while let Some(done) = self.running.join_next().await {
+            batch.push(done);
+        }
+        self.complete(batch)?;
         let error = StepError::fatal("cancelled", "the run was cancelled");
         self.finish_with(RunStatus::Cancelled, None, Some(error)).await
     }
 
     async fn finish_with(
-        mut self,
+        self,
         status: RunStatus,
         output: Option<Value>,
         error: Option<StepError>,
@@ -706,7 +729,13 @@ enum Work {
 impl Work {
     async fn run(self, inner: Arc<Inner>, mut ctx: StepContext) -> StepResult {
         match self {
-            Work::Action { step, with } => step.run(with, &mut ctx).await,
+            Work::Action { step, with } => {
+                let cancel = ctx.cancel_token();
+                tokio::select! {
+                    r = step.run(with, &mut ctx) => r,
+                    _ = cancel.cancelled() => Err(Stop::Error(StepError::fatal("cancelled", "the run was cancelled"))),
+                }
+            }
             Work::Call { child, input, parent } => {
                 let id = format!("{}/{}", parent.run, ctx.step_id());
                 child::run_child(&inner, &parent, id, child, input, &ctx).await

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::Value;
-use switchyard_steps::{Clock, OpSink, StepError};
+use switchyard_steps::{Clock, OpSink, RecordedOp, StepError};
 
 use super::writer::{Ack, CommitError, Writer, wait};
 use crate::journal::Event;
@@ -54,6 +54,9 @@ pub(crate) struct StepOps {
     pub journal: Arc<RunJournal>,
     pub step: String,
     pub attempt: u32,
+    /// The driver's copy, replayed if the step is called again in this
+    /// process (after a suspension).
+    pub recorded: Arc<Mutex<Vec<RecordedOp>>>,
 }
 
 #[async_trait]
@@ -66,9 +69,8 @@ impl OpSink for StepOps {
             name: name.to_owned(),
             value: value.clone(),
         };
-        self.journal
-            .commit(vec![event], None)
-            .await
-            .map_err(|e| StepError::retryable("journal", e.to_string()))
+        self.journal.commit(vec![event], None).await.map_err(|e| StepError::retryable("journal", e.to_string()))?;
+        self.recorded.lock().expect("ops").push(RecordedOp { index, name: name.to_owned(), value: value.clone() });
+        Ok(())
     }
 }

@@ -98,6 +98,14 @@ pub enum Cancelled {
 
 type Waiter = oneshot::Sender<Result<RunOutcome, String>>;
 
+/// A root run being driven in this process.
+struct Active {
+    /// Cancels the run (it ends `cancelled`).
+    cancel: CancellationToken,
+    /// Stops the driver without ending the run (shutdown).
+    abort: Option<tokio::task::AbortHandle>,
+}
+
 pub(crate) struct Inner {
     pub store: Arc<dyn Store>,
     pub registry: Registry,
@@ -107,9 +115,10 @@ pub(crate) struct Inner {
     pub writer: Writer,
     definitions: Mutex<HashMap<String, Arc<Definition>>>,
     global: Arc<Semaphore>,
-    per_workflow: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per workflow name: its limit and the slots.
+    per_workflow: Mutex<HashMap<String, (u32, Arc<Semaphore>)>>,
     waiters: Mutex<HashMap<String, Vec<Waiter>>>,
-    active: Mutex<HashMap<String, CancellationToken>>,
+    active: Mutex<HashMap<String, Active>>,
     timers: Mutex<BTreeSet<(i64, String)>>,
     timer_changed: Notify,
     shutdown: CancellationToken,
@@ -213,9 +222,14 @@ impl Engine {
         if record.status.is_finished() {
             return Ok(Cancelled::AlreadyFinished(record.status));
         }
-        if let Some(token) = inner.active.lock().expect("active").get(id) {
-            token.cancel();
-            return Ok(Cancelled::Requested);
+        let here = inner.active.lock().expect("active").get(id).map(|a| a.cancel.clone());
+        if let Some(cancel) = here {
+            cancel.cancel();
+            return match self.wait(id).await {
+                Ok(_) => Ok(Cancelled::Done),
+                Err(Error::Interrupted(..)) => Ok(Cancelled::Requested),
+                Err(e) => Err(e),
+            };
         }
         let now = inner.clock.now_ms();
         inner.store.request_cancel(id, now).await?;
@@ -285,12 +299,23 @@ impl Engine {
             && self.inner.store.runs(Some(RunStatus::Waiting), false, 1).await?.is_empty())
     }
 
-    /// Stops background work and gives up leases so another process can
-    /// continue this node's runs at once.
+    /// Stops background work and the runs driven here, without ending them,
+    /// and gives up leases so another process can continue them at once
+    /// (attempts in flight run again there).
     pub async fn shutdown(&self) {
         self.inner.shutdown.cancel();
-        let tokens: Vec<_> = self.inner.active.lock().expect("active").drain().map(|(_, t)| t).collect();
-        drop(tokens);
+        let active: Vec<Active> = self.inner.active.lock().expect("active").drain().map(|(_, a)| a).collect();
+        for a in active {
+            if let Some(abort) = a.abort {
+                abort.abort();
+            }
+        }
+        let waiters: Vec<_> = self.inner.waiters.lock().expect("waiters").drain().collect();
+        for (_, list) in waiters {
+            for w in list {
+                let _ = w.send(Err("the engine stopped; the run continues in the next process".into()));
+            }
+        }
         if let Err(e) = self.inner.store.release_all(&self.inner.node).await {
             tracing::warn!(error = %e, "releasing leases on shutdown");
         }
@@ -381,29 +406,45 @@ impl Inner {
         self.timer_changed.notify_one();
     }
 
+    /// The slots of a workflow with a `concurrency` limit. A definition with
+    /// a different limit replaces them (runs holding old slots finish on them).
     fn workflow_permits(&self, def: &Definition) -> Option<Arc<Semaphore>> {
-        let limit = def.workflow.concurrency()? as usize;
+        let limit = def.workflow.concurrency()?;
         let mut map = self.per_workflow.lock().expect("per_workflow");
-        Some(map.entry(def.workflow.name().to_owned()).or_insert_with(|| Arc::new(Semaphore::new(limit))).clone())
+        let entry = map.entry(def.workflow.name().to_owned()).or_insert_with(|| (limit, Arc::new(Semaphore::new(limit as usize))));
+        if entry.0 != limit {
+            *entry = (limit, Arc::new(Semaphore::new(limit as usize)));
+        }
+        Some(entry.1.clone())
     }
 }
 
 /// Starts driving a claimed root run (after its concurrency slots are free).
 fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>) {
-    let token = inner.shutdown.child_token();
+    let token = CancellationToken::new();
     {
         let mut active = inner.active.lock().expect("active");
         if active.contains_key(&id) {
             return;
         }
-        active.insert(id.clone(), token.clone());
+        active.insert(id.clone(), Active { cancel: token.clone(), abort: None });
     }
-    let inner = inner.clone();
-    tokio::spawn(async move {
-        let global = inner.global.clone().acquire_owned().await;
-        let per_workflow = match inner.workflow_permits(&def) {
-            Some(s) => Some(s.acquire_owned().await),
-            None => None,
+    let task_inner = inner.clone();
+    let task_id = id.clone();
+    let task = tokio::spawn(async move {
+        let (inner, id) = (task_inner, task_id);
+        // Queued until a slot is free; a cancelled run does not wait for one.
+        let permits = async {
+            let global = inner.global.clone().acquire_owned().await;
+            let per_workflow = match inner.workflow_permits(&def) {
+                Some(s) => Some(s.acquire_owned().await),
+                None => None,
+            };
+            (global, per_workflow)
+        };
+        let (global, per_workflow) = tokio::select! {
+            p = permits => (Some(p.0), p.1),
+            _ = token.cancelled() => (None, None),
         };
         let run = RunRef {
             id: id.clone(),
@@ -427,15 +468,15 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>) {
                 tracing::warn!(run = %id, "lease lost; another node continues the run");
                 inner.notify(&id, Err("its lease was lost; another process continues it".into()));
             }
-            Err(e) if token.is_cancelled() && inner.shutdown.is_cancelled() => {
-                tracing::info!(run = %id, error = %e, "stopped by shutdown");
-            }
             Err(e) => {
                 tracing::error!(run = %id, error = %e, "run stopped by an engine error; resume it later");
                 inner.notify(&id, Err(e.to_string()));
             }
         }
     });
+    if let Some(active) = inner.active.lock().expect("active").get_mut(&id) {
+        active.abort = Some(task.abort_handle());
+    }
 }
 
 /// Claims a run found in the store and drives it.
@@ -444,6 +485,8 @@ async fn pick_up(inner: &Arc<Inner>, id: &str) -> Result<()> {
         return Ok(());
     }
     let Some(epoch) = inner.store.claim(id, &inner.node, inner.clock.now_ms(), inner.lease_until(), false).await? else {
+        // Finished or taken by another process: waiters here learn of the end
+        // from the poll.
         return Ok(());
     };
     let Some(record) = inner.store.run(id).await? else { return Ok(()) };
@@ -511,9 +554,23 @@ async fn poll_loop(inner: Arc<Inner>) {
 }
 
 async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
+    // Waiters for runs not driven here (another process took them over or
+    // finished them): tell them once the run has ended.
+    let orphans: Vec<String> = {
+        let waiters = inner.waiters.lock().expect("waiters");
+        let active = inner.active.lock().expect("active");
+        waiters.keys().filter(|id| !active.contains_key(*id)).cloned().collect()
+    };
+    for id in orphans {
+        if let Some(record) = inner.store.run(&id).await? {
+            if record.status.is_finished() {
+                inner.notify(&id, Ok(outcome(&record)));
+            }
+        }
+    }
     for id in inner.store.cancel_requests(&inner.node).await? {
-        if let Some(token) = inner.active.lock().expect("active").get(&id) {
-            token.cancel();
+        if let Some(active) = inner.active.lock().expect("active").get(&id) {
+            active.cancel.cancel();
         }
     }
     if !inner.options.worker {

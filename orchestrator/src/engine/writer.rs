@@ -71,7 +71,10 @@ async fn run(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, mut rx:
             }
         }
         let (writes, acks): (Vec<Write>, Vec<_>) = batch.drain(..).map(|r| (r.write, r.ack)).unzip();
-        match store.commit(&node, clock.now_ms(), &writes).await {
+        let started = std::time::Instant::now();
+        let result = store.commit(&node, clock.now_ms(), &writes).await;
+        tracing::trace!(writes = writes.len(), micros = started.elapsed().as_micros() as u64, "group commit");
+        match result {
             Ok(results) => {
                 for (ack, result) in acks.into_iter().zip(results) {
                     let _ = ack.send(result.map_err(|e| match e {

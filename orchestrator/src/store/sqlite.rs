@@ -66,7 +66,7 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
         .execute(pool)
         .await?;
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *tx).await?;
     let current = current.unwrap_or(0);
     let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
@@ -77,7 +77,7 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     }
     for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, strftime('%s','now'))")
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CAST(unixepoch('subsec') * 1000 AS INTEGER))")
             .bind(version)
             .execute(&mut *tx)
             .await?;
@@ -202,79 +202,13 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, node: &str, now: i64, writes: &[Write]) -> Result<Vec<Result<()>>> {
-        let mut conn = self.write.acquire().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        // One query for every fence in the batch: the epochs of the runs this
-        // node owns right now.
-        let needs_fence = writes.iter().any(|w| matches!(w, Write::Append { .. } | Write::Create { fence: Some(_), .. }));
-        let owned: HashMap<String, i64> = if needs_fence {
-            sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
-                .bind(node)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect()
+        let appends_only =
+            writes.iter().all(|w| matches!(w, Write::Append { update: None, events, .. } if !events.is_empty()));
+        if appends_only {
+            self.append_fenced(node, writes).await
         } else {
-            HashMap::new()
-        };
-        let holds = |f: &Fence| owned.get(&f.root) == Some(&f.epoch);
-
-        let mut results = Vec::with_capacity(writes.len());
-        let mut rows: Vec<(&str, i64, i64, &Event)> = Vec::new();
-        for write in writes {
-            match write {
-                Write::Create { fence, run, events } => {
-                    if let Some(f) = fence {
-                        if !holds(f) {
-                            results.push(Err(Error::Fenced(f.root.clone())));
-                            continue;
-                        }
-                    }
-                    let created = sqlx::query(
-                        "INSERT INTO runs (id, root_id, parent_id, workflow, version, definition, status, input, owner, \
-                         epoch, lease_until, idempotency_key, created_at, updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(&run.id)
-                    .bind(&run.root_id)
-                    .bind(&run.parent_id)
-                    .bind(&run.workflow)
-                    .bind(run.version as i64)
-                    .bind(&run.definition)
-                    .bind(run.status.as_str())
-                    .bind(json_text(&run.input))
-                    .bind(&run.owner)
-                    .bind(run.epoch)
-                    .bind(run.lease_until)
-                    .bind(&run.idempotency_key)
-                    .bind(now)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if created == 1 {
-                        rows.extend(events.iter().enumerate().map(|(i, (at, e))| (run.id.as_str(), i as i64, *at, e)));
-                    }
-                    results.push(Ok(()));
-                }
-                Write::Append { fence, run, first_seq, events, update } => {
-                    if !holds(fence) {
-                        results.push(Err(Error::Fenced(fence.root.clone())));
-                        continue;
-                    }
-                    rows.extend(
-                        events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e)),
-                    );
-                    if let Some(update) = update {
-                        apply_update(&mut tx, run, now, update).await?;
-                    }
-                    results.push(Ok(()));
-                }
-            }
+            self.commit_transaction(node, now, writes).await
         }
-        insert_events(&mut tx, &rows).await?;
-        tx.commit().await?;
-        Ok(results)
     }
 
     async fn run(&self, id: &str) -> Result<Option<RunRecord>> {
@@ -390,5 +324,137 @@ impl Store for SqliteStore {
             return Err(Error::NotFound(id.to_owned()));
         }
         Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// The general path: creates, updates and appends in one transaction.
+    async fn commit_transaction(&self, node: &str, now: i64, writes: &[Write]) -> Result<Vec<Result<()>>> {
+        let mut conn = self.write.acquire().await?;
+        // IMMEDIATE: take the write lock first, so the fence read and the
+        // writes see one snapshot even with other processes on the file.
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+        // One query for every fence in the batch: the epochs of the runs this
+        // node owns right now.
+        let needs_fence = writes.iter().any(|w| matches!(w, Write::Append { .. } | Write::Create { fence: Some(_), .. }));
+        let owned: HashMap<String, i64> = if needs_fence {
+            sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
+                .bind(node)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let holds = |f: &Fence| owned.get(&f.root) == Some(&f.epoch);
+
+        let mut results = Vec::with_capacity(writes.len());
+        let mut rows: Vec<(&str, i64, i64, &Event)> = Vec::new();
+        for write in writes {
+            match write {
+                Write::Create { fence, run, events } => {
+                    if let Some(f) = fence {
+                        if !holds(f) {
+                            results.push(Err(Error::Fenced(f.root.clone())));
+                            continue;
+                        }
+                    }
+                    let created = sqlx::query(
+                        "INSERT INTO runs (id, root_id, parent_id, workflow, version, definition, status, input, owner, \
+                         epoch, lease_until, idempotency_key, created_at, updated_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&run.id)
+                    .bind(&run.root_id)
+                    .bind(&run.parent_id)
+                    .bind(&run.workflow)
+                    .bind(run.version as i64)
+                    .bind(&run.definition)
+                    .bind(run.status.as_str())
+                    .bind(json_text(&run.input))
+                    .bind(&run.owner)
+                    .bind(run.epoch)
+                    .bind(run.lease_until)
+                    .bind(&run.idempotency_key)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if created == 1 {
+                        rows.extend(events.iter().enumerate().map(|(i, (at, e))| (run.id.as_str(), i as i64, *at, e)));
+                    }
+                    results.push(Ok(()));
+                }
+                Write::Append { fence, run, first_seq, events, update } => {
+                    if !holds(fence) {
+                        results.push(Err(Error::Fenced(fence.root.clone())));
+                        continue;
+                    }
+                    rows.extend(
+                        events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e)),
+                    );
+                    if let Some(update) = update {
+                        apply_update(&mut tx, run, now, update).await?;
+                    }
+                    results.push(Ok(()));
+                }
+            }
+        }
+        insert_events(&mut tx, &rows).await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+
+    /// The hot path: a batch of plain appends is one statement, atomic on its
+    /// own (no BEGIN/COMMIT round trips). The fence is a join: rows of runs
+    /// this node no longer owns at the claimed epoch are not inserted.
+    async fn append_fenced(&self, node: &str, writes: &[Write]) -> Result<Vec<Result<()>>> {
+        let mut rows: Vec<(&str, i64, i64, &Event, &Fence)> = Vec::new();
+        for write in writes {
+            if let Write::Append { fence, run, first_seq, events, .. } = write {
+                rows.extend(events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e, fence)));
+            }
+        }
+        if rows.len() > INSERT_CHUNK {
+            return self.commit_transaction(node, 0, writes).await;
+        }
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO journal (run_id, seq, at, kind, event) \
+             SELECT v.column1, v.column2, v.column3, v.column4, v.column5 FROM (",
+        );
+        qb.push_values(&rows, |mut b, (run, seq, at, event, fence)| {
+            b.push_bind(run.to_string())
+                .push_bind(*seq)
+                .push_bind(*at)
+                .push_bind(event.tag())
+                .push_bind(serde_json::to_string(event).expect("events serialize"))
+                .push_bind(fence.root.clone())
+                .push_bind(fence.epoch);
+        });
+        qb.push(") AS v JOIN runs r ON r.id = v.column6 AND r.epoch = v.column7 AND r.owner = ");
+        qb.push_bind(node.to_owned());
+        let inserted = qb.build().execute(&self.write).await?.rows_affected();
+        if inserted == rows.len() as u64 {
+            return Ok(writes.iter().map(|_| Ok(())).collect());
+        }
+        // Some fence failed: find out which (rare).
+        let owned: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
+            .bind(node)
+            .fetch_all(&self.write)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(writes
+            .iter()
+            .map(|w| match w {
+                Write::Append { fence, .. } if owned.get(&fence.root) != Some(&fence.epoch) => {
+                    Err(Error::Fenced(fence.root.clone()))
+                }
+                _ => Ok(()),
+            })
+            .collect())
     }
 }

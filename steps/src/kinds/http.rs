@@ -110,6 +110,7 @@ impl Step for Http {
             HttpError::Invalid(m) => StepError::fatal("http_invalid", m),
             HttpError::Connect(m) => StepError::retryable("http_connect", m),
             HttpError::Timeout(d) => StepError::retryable("http_timeout", format!("no response within {d:?}")),
+            HttpError::TooLarge(m) => StepError::fatal("http_too_large", m),
             HttpError::Other(m) => StepError::retryable("http_error", m),
         })?;
 

@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 use crate::{ConfigIssue, Step, StepContext, StepError, StepResult};
 
 /// `sleep`: waits durably for `duration` or `until` an RFC 3339 time. A
-/// sleeping run holds no task and survives restarts.
+/// sleeping run holds no task and survives restarts. Output:
+/// `{until_ms, woke_at_ms}`.
 pub struct Sleep;
 
 #[derive(Debug, Deserialize)]
@@ -33,10 +34,7 @@ impl Step for Sleep {
 
     async fn run(&self, config: SleepConfig, ctx: &mut StepContext) -> StepResult {
         let until_ms = match (config.duration, config.until) {
-            (Some(d), None) => {
-                ctx.sleep(d).await?;
-                None
-            }
+            (Some(d), None) => ctx.sleep(d).await?,
             (None, Some(until)) => {
                 let at = humantime::parse_rfc3339_weak(until.trim()).map_err(|e| {
                     StepError::fatal("config", format!("with.until: {until:?} is not an RFC 3339 time: {e}"))
@@ -46,7 +44,7 @@ impl Step for Sleep {
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
                 ctx.sleep_until(at_ms)?;
-                Some(at_ms)
+                at_ms
             }
             _ => return Err(StepError::fatal("config", "set exactly one of `duration` or `until`").into()),
         };
