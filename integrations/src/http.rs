@@ -31,8 +31,8 @@ impl HttpClient for ReqwestHttp {
     async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError> {
         let method = reqwest::Method::from_bytes(request.method.as_bytes())
             .map_err(|_| HttpError::Invalid(format!("method {:?}", request.method)))?;
-        let mut url = reqwest::Url::parse(&request.url)
-            .map_err(|e| HttpError::Invalid(format!("url {:?}: {e}", request.url)))?;
+        let mut url =
+            reqwest::Url::parse(&request.url).map_err(|e| HttpError::Invalid(format!("url {:?}: {e}", request.url)))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(HttpError::Invalid(format!("url {:?}: only http and https are allowed", request.url)));
         }

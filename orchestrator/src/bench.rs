@@ -145,15 +145,21 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                 match latency(&engine, &def, &json!({"i": 0}), &json!({"i": 40}), 30).await {
                     Ok(s) => emit(json!({"workload": "chain40", "metric": "latency", "n": 30,
                         "p50_ms": round(percentile(&s, 50.0)), "p95_ms": round(percentile(&s, 95.0))})),
-                    Err(e) => emit(json!({"workload": "chain40", "metric": "latency", "n": 30, "error": e.to_string()})),
+                    Err(e) => {
+                        emit(json!({"workload": "chain40", "metric": "latency", "n": 30, "error": e.to_string()}))
+                    }
                 }
                 match throughput(&engine, &def, 200).await {
                     Ok(wall) => {
                         let s = wall.as_secs_f64();
-                        emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round(s * 100.0) / 100.0,
-                            "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}))
+                        emit(
+                            json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round(s * 100.0) / 100.0,
+                            "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}),
+                        )
                     }
-                    Err(e) => emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "error": e.to_string()})),
+                    Err(e) => {
+                        emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "error": e.to_string()}))
+                    }
                 }
             }
             "fanout100" => {
@@ -161,7 +167,9 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                 match latency(&engine, &def, &json!({}), &json!(4950), 20).await {
                     Ok(s) => emit(json!({"workload": "fanout100", "metric": "latency", "n": 20,
                         "p50_ms": round(percentile(&s, 50.0)), "p95_ms": round(percentile(&s, 95.0))})),
-                    Err(e) => emit(json!({"workload": "fanout100", "metric": "latency", "n": 20, "error": e.to_string()})),
+                    Err(e) => {
+                        emit(json!({"workload": "fanout100", "metric": "latency", "n": 20, "error": e.to_string()}))
+                    }
                 }
             }
             other => bail!("unknown workload {other:?}"),

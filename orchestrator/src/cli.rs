@@ -300,7 +300,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
     match command {
         RunsCommand::List { status, limit } => {
             let runs = store.runs(*status, false, *limit).await?;
-            println!("{:<36}  {:<24}  {:<10}  {}", "RUN", "WORKFLOW", "STATUS", "CREATED");
+            println!("{:<36}  {:<24}  {:<10}  CREATED", "RUN", "WORKFLOW", "STATUS");
             for r in runs {
                 println!("{:<36}  {:<24}  {:<10}  {}", r.id, r.workflow, r.status, report::format_ms(r.created_at));
             }
@@ -369,7 +369,9 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             engine.shutdown().await;
             match result {
                 Cancelled::Done => println!("run {run} cancelled"),
-                Cancelled::Requested => println!("cancellation of run {run} requested; the process running it stops it"),
+                Cancelled::Requested => {
+                    println!("cancellation of run {run} requested; the process running it stops it")
+                }
                 Cancelled::AlreadyFinished(status) => println!("run {run} already {status}"),
             }
             Ok(ExitCode::SUCCESS)

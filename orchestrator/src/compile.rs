@@ -77,10 +77,7 @@ impl Loader for Bundle {
 /// Compiles a workflow file and the files it calls.
 pub fn compile_file(path: &Path, registry: &Registry) -> Result<Definition, CompileErrors> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let root = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string());
+    let root = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
     compile_from(&root, &FsLoader { base }, registry)
 }
 
@@ -277,7 +274,11 @@ impl Compiler<'_> {
         for (i, s) in spec.steps.iter().enumerate() {
             let place = format!("{prefix}steps[{i}].id");
             if !valid_id(&s.id) {
-                self.error(file, place, format!("invalid id {:?}: use letters, digits and _, not starting with a digit", s.id));
+                self.error(
+                    file,
+                    place,
+                    format!("invalid id {:?}: use letters, digits and _, not starting with a digit", s.id),
+                );
             } else if let Some(first) = index.get(s.id.as_str()) {
                 self.error(file, place, format!("duplicate id {:?} (first at steps[{first}])", s.id));
             } else {
@@ -288,12 +289,12 @@ impl Compiler<'_> {
         // Switch paths, needed to check `needs: [route.path]`.
         let mut switch_paths: HashMap<usize, BTreeSet<String>> = HashMap::new();
         for (i, s) in spec.steps.iter().enumerate() {
-            if s.kind == "switch" {
-                if let Some(Ok(cfg)) = s.with.clone().map(serde_json::from_value::<SwitchConfig>) {
-                    let mut paths: BTreeSet<String> = cfg.cases.into_iter().map(|c| c.path).collect();
-                    paths.extend(cfg.default);
-                    switch_paths.insert(i, paths);
-                }
+            if s.kind == "switch"
+                && let Some(Ok(cfg)) = s.with.clone().map(serde_json::from_value::<SwitchConfig>)
+            {
+                let mut paths: BTreeSet<String> = cfg.cases.into_iter().map(|c| c.path).collect();
+                paths.extend(cfg.default);
+                switch_paths.insert(i, paths);
             }
         }
 
@@ -369,16 +370,14 @@ impl Compiler<'_> {
         for (i, s) in spec.steps.iter().enumerate() {
             let place = format!("{prefix}steps[{i}]");
             let scope = Scope { upstream: Some(&upstream[i]), extra: &[] };
-            let when = s.when.as_deref().and_then(|w| {
-                match templates.expr(w) {
-                    Ok((e, refs)) => {
-                        self.check_refs(file, &format!("{place}.when"), &refs, &scope, &spec.steps, i);
-                        Some(e)
-                    }
-                    Err(m) => {
-                        self.error(file, format!("{place}.when"), m);
-                        None
-                    }
+            let when = s.when.as_deref().and_then(|w| match templates.expr(w) {
+                Ok((e, refs)) => {
+                    self.check_refs(file, &format!("{place}.when"), &refs, &scope, &spec.steps, i);
+                    Some(e)
+                }
+                Err(m) => {
+                    self.error(file, format!("{place}.when"), m);
+                    None
                 }
             });
             let retry = s.retry.as_ref().map(|r| self.retry(file, &format!("{place}.retry"), r)).unwrap_or_default();
@@ -431,7 +430,12 @@ impl Compiler<'_> {
     }
 
     fn retry(&mut self, file: &str, place: &str, r: &spec::RetrySpec) -> RetryPolicy {
-        let mut policy = RetryPolicy { max_attempts: r.max_attempts, multiplier: r.multiplier, jitter: r.jitter, ..Default::default() };
+        let mut policy = RetryPolicy {
+            max_attempts: r.max_attempts,
+            multiplier: r.multiplier,
+            jitter: r.jitter,
+            ..Default::default()
+        };
         if r.max_attempts == 0 {
             self.error(file, format!("{place}.max_attempts"), "must be at least 1");
         }
@@ -495,7 +499,9 @@ impl Compiler<'_> {
                 let items = self.value(file, &format!("{with_place}.items"), &cfg.items, scope, templates, all, me)?;
                 let item_scope = Scope { upstream: scope.upstream, extra: &["item", "index"] };
                 let input = match &cfg.input {
-                    Some(v) => Some(self.value(file, &format!("{with_place}.input"), v, &item_scope, templates, all, me)?),
+                    Some(v) => {
+                        Some(self.value(file, &format!("{with_place}.input"), v, &item_scope, templates, all, me)?)
+                    }
                     None => None,
                 };
                 let child = match (cfg.steps, cfg.workflow) {
@@ -514,7 +520,11 @@ impl Compiler<'_> {
                     }
                     (None, Some(path)) => {
                         if cfg.output.is_some() {
-                            self.error(file, format!("{with_place}.output"), "`output` goes with inline `steps`; a called workflow has its own");
+                            self.error(
+                                file,
+                                format!("{with_place}.output"),
+                                "`output` goes with inline `steps`; a called workflow has its own",
+                            );
                         }
                         let key = join_key(file, &path);
                         self.file(&key, &format!("{with_place}.workflow"), file)
@@ -545,13 +555,18 @@ impl Compiler<'_> {
                 let Some(step) = self.registry.get(kind).cloned() else {
                     let mut known: Vec<&str> = self.registry.kinds().chain(CONTROL_KINDS).collect();
                     known.sort();
-                    self.error(file, format!("{place}.kind"), format!("unknown kind {kind:?} (known: {})", known.join(", ")));
+                    self.error(
+                        file,
+                        format!("{place}.kind"),
+                        format!("unknown kind {kind:?} (known: {})", known.join(", ")),
+                    );
                     return None;
                 };
                 let mut ok = true;
                 for issue in step.check(&with) {
                     ok = false;
-                    let at = if issue.path.is_empty() { with_place.clone() } else { format!("{with_place}.{}", issue.path) };
+                    let at =
+                        if issue.path.is_empty() { with_place.clone() } else { format!("{with_place}.{}", issue.path) };
                     self.error(file, at, issue.message);
                 }
                 let with = self.value(file, &with_place, &with, scope, templates, all, me)?;
@@ -607,18 +622,17 @@ impl Compiler<'_> {
                     let Some(id) = parts.next() else { continue };
                     match all.iter().position(|s| s.id == id) {
                         None => self.error(file, place, format!("unknown step {id:?} in `{r}`")),
-                        Some(i) => {
-                            if let Some(up) = scope.upstream {
-                                if !up.contains(&i) {
-                                    let me_id = all.get(me).map(|s| s.id.as_str()).unwrap_or("?");
-                                    self.error(
-                                        file,
-                                        place,
-                                        format!("`{r}` reads step {id:?}, which is not upstream of {me_id:?} (add it to needs)"),
-                                    );
-                                }
-                            }
+                        Some(i) if scope.upstream.is_some_and(|up| !up.contains(&i)) => {
+                            let me_id = all.get(me).map(|s| s.id.as_str()).unwrap_or("?");
+                            self.error(
+                                file,
+                                place,
+                                format!(
+                                    "`{r}` reads step {id:?}, which is not upstream of {me_id:?} (add it to needs)"
+                                ),
+                            );
                         }
+                        Some(_) => {}
                     }
                 }
                 other if scope.extra.contains(&other) => {}

@@ -67,6 +67,9 @@ pub enum ValueTemplate {
 /// Variables a template reads, as dotted paths (`steps.fetch.output`).
 pub type Refs = BTreeSet<String>;
 
+/// A parsed value template and, per template string, its place and reads.
+pub type ParsedValue = (ValueTemplate, Vec<(String, Refs)>);
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct EvalError(pub String);
@@ -90,7 +93,7 @@ impl Templates {
 
     /// Parses a value template; `place` names it (and its template strings).
     /// Returns the variables read, by the place of the string reading them.
-    pub fn value(&mut self, place: &str, value: &Value) -> Result<(ValueTemplate, Vec<(String, Refs)>), Vec<(String, String)>> {
+    pub fn value(&mut self, place: &str, value: &Value) -> Result<ParsedValue, Vec<(String, String)>> {
         let mut refs = Vec::new();
         let mut errors = Vec::new();
         let tpl = self.value_inner(place, value, &mut refs, &mut errors);
@@ -149,26 +152,15 @@ impl Templates {
 
     /// Evaluates an expression to JSON.
     pub fn eval(&self, expr: &Expr, ctx: &MjValue) -> Result<Value, EvalError> {
-        let compiled = self
-            .env
-            .compile_expression(&expr.source)
-            .map_err(|e| EvalError(describe(&e)))?;
-        let value = compiled
-            .eval(ctx)
-            .map_err(|e| EvalError(format!("`{}`: {}", expr.source, describe(&e))))?;
+        let compiled = self.env.compile_expression(&expr.source).map_err(|e| EvalError(describe(&e)))?;
+        let value = compiled.eval(ctx).map_err(|e| EvalError(format!("`{}`: {}", expr.source, describe(&e))))?;
         to_json(&value).map_err(|e| EvalError(format!("`{}`: {e}", expr.source)))
     }
 
     /// Evaluates an expression as a condition (jinja truthiness).
     pub fn test(&self, expr: &Expr, ctx: &MjValue) -> Result<bool, EvalError> {
-        let compiled = self
-            .env
-            .compile_expression(&expr.source)
-            .map_err(|e| EvalError(describe(&e)))?;
-        compiled
-            .eval(ctx)
-            .map(|v| v.is_true())
-            .map_err(|e| EvalError(format!("`{}`: {}", expr.source, describe(&e))))
+        let compiled = self.env.compile_expression(&expr.source).map_err(|e| EvalError(describe(&e)))?;
+        compiled.eval(ctx).map(|v| v.is_true()).map_err(|e| EvalError(format!("`{}`: {}", expr.source, describe(&e))))
     }
 
     /// Renders a value template to JSON.
@@ -184,19 +176,14 @@ impl Templates {
                 Value::Array(items.iter().map(|i| self.render(i, ctx)).collect::<Result<_, _>>()?)
             }
             ValueTemplate::Object(fields) => Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, v)| Ok((k.clone(), self.render(v, ctx)?)))
-                    .collect::<Result<_, EvalError>>()?,
+                fields.iter().map(|(k, v)| Ok((k.clone(), self.render(v, ctx)?))).collect::<Result<_, EvalError>>()?,
             ),
         })
     }
 }
 
 fn filter_globals(vars: std::collections::HashSet<String>) -> Refs {
-    vars.into_iter()
-        .filter(|v| !GLOBALS.contains(&v.split('.').next().unwrap_or_default()))
-        .collect()
+    vars.into_iter().filter(|v| !GLOBALS.contains(&v.split('.').next().unwrap_or_default())).collect()
 }
 
 /// `"{{ a.b }}"` -> `Some("a.b")` when the string is one expression block.
@@ -236,7 +223,10 @@ mod tests {
     fn pure_expressions_keep_their_type() {
         let mut t = Templates::default();
         let (tpl, refs) = t
-            .value("with", &json!({"n": "{{ input.n + 1 }}", "s": "host {{ input.name }}", "l": ["{{ steps.a.output }}", 3]}))
+            .value(
+                "with",
+                &json!({"n": "{{ input.n + 1 }}", "s": "host {{ input.name }}", "l": ["{{ steps.a.output }}", 3]}),
+            )
             .unwrap();
         let all: Refs = refs.iter().flat_map(|(_, r)| r.iter().cloned()).collect();
         assert_eq!(all, Refs::from(["input.n".into(), "input.name".into(), "steps.a.output".into()]));
@@ -260,7 +250,9 @@ mod tests {
         assert_eq!(errors.len(), 2);
         assert_eq!(errors[0].0, "steps[1].with.x");
         assert!(t.expr("a ==").is_err());
-        let (tpl, _) = t.value("loop", &json!("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}")).unwrap();
+        let (tpl, _) = t
+            .value("loop", &json!("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"))
+            .unwrap();
         assert!(t.render(&tpl, &ctx()).unwrap_err().0.contains("fuel"));
     }
 
@@ -270,6 +262,6 @@ mod tests {
         let (e, _) = t.expr("input.missing").unwrap();
         assert!(t.eval(&e, &ctx()).is_err());
         let (e, _) = t.expr("input.missing is defined").unwrap();
-        assert_eq!(t.test(&e, &ctx()).unwrap(), false);
+        assert!(!t.test(&e, &ctx()).unwrap());
     }
 }

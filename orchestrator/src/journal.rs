@@ -9,11 +9,28 @@ use switchyard_steps::StepError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    RunStarted { workflow: String, version: u32, input: Value },
-    StepStarted { step: String, attempt: u32 },
+    RunStarted {
+        workflow: String,
+        version: u32,
+        input: Value,
+    },
+    StepStarted {
+        step: String,
+        attempt: u32,
+    },
     /// A sub-operation inside an attempt (see `StepContext::journaled`).
-    StepOp { step: String, attempt: u32, index: u32, name: String, value: Value },
-    StepSucceeded { step: String, attempt: u32, output: Value },
+    StepOp {
+        step: String,
+        attempt: u32,
+        index: u32,
+        name: String,
+        value: Value,
+    },
+    StepSucceeded {
+        step: String,
+        attempt: u32,
+        output: Value,
+    },
     StepFailed {
         step: String,
         attempt: u32,
@@ -26,10 +43,19 @@ pub enum Event {
         continued: bool,
     },
     /// The step waits durably until `until` (unix ms).
-    StepSuspended { step: String, attempt: u32, until: i64 },
-    StepSkipped { step: String, reason: String },
+    StepSuspended {
+        step: String,
+        attempt: u32,
+        until: i64,
+    },
+    StepSkipped {
+        step: String,
+        reason: String,
+    },
     /// Nothing can run before `wake_at`; the run released its task and lease.
-    RunParked { wake_at: i64 },
+    RunParked {
+        wake_at: i64,
+    },
     /// A failed run was resumed by a user.
     RunResumed,
     RunFinished {

@@ -26,7 +26,11 @@ pub struct StepSummary {
 pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
     let mut order: Vec<String> = Vec::new();
     let mut by_id: BTreeMap<String, StepSummary> = BTreeMap::new();
-    fn entry<'m>(by_id: &'m mut BTreeMap<String, StepSummary>, order: &mut Vec<String>, id: &str) -> &'m mut StepSummary {
+    fn entry<'m>(
+        by_id: &'m mut BTreeMap<String, StepSummary>,
+        order: &mut Vec<String>,
+        id: &str,
+    ) -> &'m mut StepSummary {
         by_id.entry(id.to_owned()).or_insert_with(|| {
             order.push(id.to_owned());
             StepSummary { id: id.to_owned(), ..Default::default() }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::error::{Stop, StepError, StepResult};
+use crate::error::{StepError, StepResult, Stop};
 
 /// A sub-operation recorded in the journal during an earlier call of the same
 /// step (before a crash or a suspension).
@@ -53,17 +53,7 @@ impl StepContext {
         replay: Vec<RecordedOp>,
         sink: Arc<dyn OpSink>,
     ) -> Self {
-        Self {
-            run_id,
-            step_id,
-            attempt,
-            idempotency_key,
-            clock,
-            cancel,
-            replay: replay.into(),
-            next_op: 0,
-            sink,
-        }
+        Self { run_id, step_id, attempt, idempotency_key, clock, cancel, replay: replay.into(), next_op: 0, sink }
     }
 
     pub fn run_id(&self) -> &str {
@@ -132,14 +122,12 @@ impl StepContext {
                     )
                     .into());
                 }
-                return serde_json::from_value(recorded.value).map_err(|e| {
-                    StepError::fatal("replay", format!("recorded {name:?} does not decode: {e}")).into()
-                });
+                return serde_json::from_value(recorded.value)
+                    .map_err(|e| StepError::fatal("replay", format!("recorded {name:?} does not decode: {e}")).into());
             }
         }
         let value = op.await?;
-        let json = serde_json::to_value(&value)
-            .map_err(|e| StepError::fatal("encode", format!("{name}: {e}")))?;
+        let json = serde_json::to_value(&value).map_err(|e| StepError::fatal("encode", format!("{name}: {e}")))?;
         self.sink.record(index, name, &json).await?;
         Ok(value)
     }
@@ -185,16 +173,7 @@ pub(crate) mod testing {
 
     pub fn context(clock: Arc<dyn Clock>, sink: Arc<MemorySink>) -> StepContext {
         let replay = sink.ops.lock().unwrap().clone();
-        StepContext::new(
-            "run1".into(),
-            "s".into(),
-            1,
-            "run1/s".into(),
-            clock,
-            CancellationToken::new(),
-            replay,
-            sink,
-        )
+        StepContext::new("run1".into(), "s".into(), 1, "run1/s".into(), clock, CancellationToken::new(), replay, sink)
     }
 }
 
@@ -234,10 +213,7 @@ mod tests {
 
         clock.advance(Duration::from_secs(1800));
         let mut later = context(clock.clone(), sink.clone());
-        assert_eq!(
-            later.sleep(Duration::from_secs(3600)).await.unwrap_err(),
-            Stop::Suspend { until_ms: 3_601_000 }
-        );
+        assert_eq!(later.sleep(Duration::from_secs(3600)).await.unwrap_err(), Stop::Suspend { until_ms: 3_601_000 });
         clock.advance(Duration::from_secs(1800));
         let mut due = context(clock, sink);
         due.sleep(Duration::from_secs(3600)).await.unwrap();

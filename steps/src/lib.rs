@@ -26,6 +26,6 @@ pub mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use context::{OpSink, RecordedOp, StepContext};
-pub use error::{ConfigIssue, Stop, StepError, StepResult};
+pub use error::{ConfigIssue, StepError, StepResult, Stop};
 pub use registry::Registry;
 pub use step::{DynStep, Step};

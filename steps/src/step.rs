@@ -22,11 +22,8 @@ pub trait Step: Send + Sync + 'static {
         Vec::new()
     }
 
-    fn run(
-        &self,
-        config: Self::Config,
-        ctx: &mut StepContext,
-    ) -> impl Future<Output = StepResult<Self::Output>> + Send;
+    fn run(&self, config: Self::Config, ctx: &mut StepContext)
+    -> impl Future<Output = StepResult<Self::Output>> + Send;
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -63,14 +60,12 @@ impl<S: Step> DynStep for S {
 
     fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult> {
         Box::pin(async move {
-            let config = parse::<S::Config>(with)
-                .map_err(|i| {
-                    let at = if i.path.is_empty() { "with".to_owned() } else { format!("with.{}", i.path) };
-                    StepError::fatal("config", format!("{at}: {}", i.message))
-                })?;
+            let config = parse::<S::Config>(with).map_err(|i| {
+                let at = if i.path.is_empty() { "with".to_owned() } else { format!("with.{}", i.path) };
+                StepError::fatal("config", format!("{at}: {}", i.message))
+            })?;
             let output = Step::run(self, config, ctx).await?;
-            serde_json::to_value(output)
-                .map_err(|e| StepError::fatal("encode", format!("output: {e}")).into())
+            serde_json::to_value(output).map_err(|e| StepError::fatal("encode", format!("output: {e}")).into())
         })
     }
 }

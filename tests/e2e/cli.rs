@@ -124,7 +124,8 @@ async fn a_killed_process_resumes_without_repeating_completed_steps() {
     assert_eq!(server.count("s4"), 0);
 
     // A worker picks the run up once the dead process's lease expires.
-    let out = switchyard(&db).env("SWITCHYARD_LEASE", "1s").args(["worker", "--exit-when-idle"]).output().await.unwrap();
+    let out =
+        switchyard(&db).env("SWITCHYARD_LEASE", "1s").args(["worker", "--exit-when-idle"]).output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let store = store(&dir).await;

@@ -88,14 +88,10 @@ impl CounterServer {
     ///
     /// If the loopback socket cannot be bound (a broken test environment).
     pub async fn start() -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local address of listener");
         let log: Shared = Arc::new(watch::Sender::new(Log::default()));
-        let app = Router::new()
-            .route("/hit/{name}", any(hit))
-            .with_state(Arc::clone(&log));
+        let app = Router::new().route("/hit/{name}", any(hit)).with_state(Arc::clone(&log));
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             // A dropped sender also resolves `stopped`, so the server never
@@ -103,16 +99,9 @@ impl CounterServer {
             let signal = async {
                 let _ = stopped.await;
             };
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(signal)
-                .await;
+            let _ = axum::serve(listener, app).with_graceful_shutdown(signal).await;
         });
-        Self {
-            addr,
-            log,
-            shutdown: Some(shutdown),
-            task: Some(task),
-        }
+        Self { addr, log, shutdown: Some(shutdown), task: Some(task) }
     }
 
     /// Shuts down gracefully, releasing held calls, and waits until the
@@ -141,11 +130,7 @@ impl CounterServer {
     /// Calls to `name`, in arrival order.
     pub fn calls_to(&self, name: &str) -> Vec<Call> {
         let log = self.log.borrow();
-        log.calls
-            .iter()
-            .filter(|c| c.name == name)
-            .cloned()
-            .collect()
+        log.calls.iter().filter(|c| c.name == name).cloned().collect()
     }
 
     /// How many calls to `name` have started.
@@ -170,8 +155,7 @@ impl CounterServer {
 
     /// Resolves once a call to `name` is parked by `hold_first`.
     pub async fn wait_for_held(&self, name: &str) {
-        self.wait_until(|log| log.held.get(name).is_some_and(|&n| n > 0))
-            .await;
+        self.wait_until(|log| log.held.get(name).is_some_and(|&n| n > 0)).await;
     }
 
     /// Resolves once no request is being handled.
@@ -211,9 +195,7 @@ impl Drop for CounterServer {
 
 impl fmt::Debug for CounterServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CounterServer")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
+        f.debug_struct("CounterServer").field("addr", &self.addr).finish_non_exhaustive()
     }
 }
 
@@ -276,19 +258,12 @@ async fn hit(
     body: Bytes,
 ) -> Response {
     let _in_flight = InFlight::enter(&log);
-    let echo = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body).unwrap_or(Value::Null)
-    };
+    let echo = if body.is_empty() { Value::Null } else { serde_json::from_slice(&body).unwrap_or(Value::Null) };
     let recorded = match &echo {
         Value::Null if !body.is_empty() => Value::String(String::from_utf8_lossy(&body).into()),
         json => json.clone(),
     };
-    let idempotency_key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
 
     let (mut index, mut count) = (0, 0);
     log.send_modify(|log| {
@@ -312,13 +287,7 @@ async fn hit(
     response
 }
 
-async fn respond(
-    log: &Shared,
-    name: &str,
-    count: usize,
-    query: BTreeMap<String, String>,
-    echo: Value,
-) -> Response {
+async fn respond(log: &Shared, name: &str, count: usize, query: BTreeMap<String, String>, echo: Value) -> Response {
     let behaviour = match Behaviour::parse(&query) {
         Ok(behaviour) => behaviour,
         Err(message) => return error(StatusCode::BAD_REQUEST, message, count),
@@ -328,10 +297,7 @@ async fn respond(
         let _held = Held::enter(log, name);
         let mut changes = log.subscribe();
         // Errs only if the sender is gone, which cannot happen while `log` lives.
-        let _ = changes
-            .wait_for(|log| log.stopping || log.released.contains(name))
-            .await
-            .map(drop);
+        let _ = changes.wait_for(|log| log.stopping || log.released.contains(name)).await.map(drop);
     }
     if let Some(delay) = behaviour.delay {
         tokio::time::sleep(delay).await;
@@ -379,10 +345,7 @@ fn param<T: FromStr>(query: &BTreeMap<String, String>, key: &str) -> Result<Opti
 where
     T::Err: fmt::Display,
 {
-    query
-        .get(key)
-        .map(|raw| raw.parse().map_err(|e| format!("{key}={raw}: {e}")))
-        .transpose()
+    query.get(key).map(|raw| raw.parse().map_err(|e| format!("{key}={raw}: {e}"))).transpose()
 }
 
 #[cfg(test)]

@@ -48,9 +48,7 @@ pub fn temp_dir(prefix: &str) -> TempDir {
     let base = std::env::temp_dir();
     let pid = std::process::id();
     loop {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let path = base.join(format!("{prefix}-{pid}-{nanos}-{n}"));
         // `create_dir` (not `_all`) fails on an existing path, so two

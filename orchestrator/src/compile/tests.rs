@@ -129,7 +129,7 @@ steps:
     ));
     for expected in [
         "steps[0].with: set exactly one of `duration` or `until`",
-        "steps[1].with: unknown field `extra`",
+        "steps[1].with.extra: unknown field `extra`",
         "steps[1].retry.max_attempts: must be at least 1",
         "steps[1].retry.jitter",
         "steps[1].retry.initial_delay: invalid duration",
@@ -150,7 +150,10 @@ fn yaml_errors_name_the_line() {
 #[test]
 fn child_workflows_are_bundled_and_cycles_found() {
     let def = compile_files(&[
-        ("main.yaml", "name: main\nsteps:\n  - id: c\n    kind: workflow\n    with: {path: sub/child.yaml, input: {x: 1}}\n"),
+        (
+            "main.yaml",
+            "name: main\nsteps:\n  - id: c\n    kind: workflow\n    with: {path: sub/child.yaml, input: {x: 1}}\n",
+        ),
         ("sub/child.yaml", "name: child\nsteps:\n  - id: t\n    kind: transform\n    with: {y: \"{{ input.x }}\"}\n"),
     ])
     .unwrap();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
-use switchyard_steps::{Stop, StepContext, StepError, StepResult};
+use switchyard_steps::{StepContext, StepError, StepResult, Stop};
 
 use super::Inner;
 use super::driver::{DriveError, Driver, Outcome, RunRef};
@@ -66,7 +66,8 @@ pub(crate) async fn run_child(
                     lease_until: None,
                     idempotency_key: None,
                 };
-                let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input: input.clone() };
+                let started =
+                    Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input: input.clone() };
                 let write = Write::Create {
                     fence: Some(parent.fence.clone()),
                     run,

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use minijinja::Value as MjValue;
 use serde_json::{Value, json};
-use switchyard_steps::{RecordedOp, Stop, StepContext, StepError, StepResult};
+use switchyard_steps::{RecordedOp, StepContext, StepError, StepResult, Stop};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -87,7 +87,8 @@ impl StepState {
     }
     fn complete(&mut self, status: Status, output: Option<Value>) {
         self.status = status;
-        self.view = Some(expr::from_json(&json!({ "output": output.clone().unwrap_or(Value::Null), "status": status.name() })));
+        self.view =
+            Some(expr::from_json(&json!({ "output": output.clone().unwrap_or(Value::Null), "status": status.name() })));
         self.output = output;
         self.due = None;
     }
@@ -275,8 +276,20 @@ impl Driver {
             if !events.is_empty() || update.is_some() {
                 self.journal.commit(events, update).await?;
             }
-            for launch in self.launches.drain(..) {
-                self.running.spawn(launch);
+            // Each attempt is polled once here: one that finishes at once (a
+            // transform, a suspension, a render error) needs no task.
+            let mut finished_now = Vec::new();
+            for mut launch in std::mem::take(&mut self.launches) {
+                match futures::poll!(&mut launch) {
+                    std::task::Poll::Ready(done) => finished_now.push(Ok(done)),
+                    std::task::Poll::Pending => {
+                        self.running.spawn(launch);
+                    }
+                }
+            }
+            if !finished_now.is_empty() {
+                self.complete(finished_now)?;
+                continue;
             }
             if self.running.is_empty() {
                 if self.failure.is_some() || self.steps.iter().all(|s| s.status.is_terminal()) {
@@ -412,7 +425,13 @@ impl Driver {
         self.steps[i].attempt = attempt;
         let continued = self.wf.steps[i].on_error == OnError::Continue;
         self.pending.push(Event::StepStarted { step: id.clone(), attempt });
-        self.pending.push(Event::StepFailed { step: id.clone(), attempt, error: error.clone(), retry_at: None, continued });
+        self.pending.push(Event::StepFailed {
+            step: id.clone(),
+            attempt,
+            error: error.clone(),
+            retry_at: None,
+            continued,
+        });
         if continued {
             self.steps[i].complete(Status::Continued, Some(json!({ "error": error })));
         } else {
@@ -533,17 +552,13 @@ impl Driver {
                     .map(|(index, item)| match input {
                         None => Ok(json!({ "item": item, "index": index })),
                         Some(tpl) => {
-                            let ctx = self.context(&[("item", expr::from_json(&item)), ("index", MjValue::from(index))]);
+                            let ctx =
+                                self.context(&[("item", expr::from_json(&item)), ("index", MjValue::from(index))]);
                             wf.templates.render(tpl, &ctx).map_err(render_err)
                         }
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Work::Map {
-                    child: child.clone(),
-                    inputs,
-                    concurrency: *concurrency,
-                    parent: self.child_parent(),
-                }
+                Work::Map { child: child.clone(), inputs, concurrency: *concurrency, parent: self.child_parent() }
             }
             StepKind::Switch { .. } => unreachable!("switches are decided inline"),
         })
@@ -588,7 +603,13 @@ impl Driver {
                     if error.retryable && used < step.retry.max_attempts && !self.cancel.is_cancelled() {
                         let delay = step.retry.delay(used, rand::random::<f64>());
                         let at = now.saturating_add(delay.as_millis() as i64);
-                        events.push(Event::StepFailed { step: id, attempt, error, retry_at: Some(at), continued: false });
+                        events.push(Event::StepFailed {
+                            step: id,
+                            attempt,
+                            error,
+                            retry_at: Some(at),
+                            continued: false,
+                        });
                         changes.push((i, Status::Backoff, None, Some(at)));
                     } else if step.on_error == OnError::Continue {
                         let output = json!({ "error": error });

@@ -251,7 +251,10 @@ impl Engine {
             let event = Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) };
             inner.append(&fence, &run.id, vec![event], update).await?;
         }
-        inner.notify(id, Ok(RunOutcome { id: id.to_owned(), status: RunStatus::Cancelled, output: None, error: Some(error) }));
+        inner.notify(
+            id,
+            Ok(RunOutcome { id: id.to_owned(), status: RunStatus::Cancelled, output: None, error: Some(error) }),
+        );
         Ok(Cancelled::Done)
     }
 
@@ -264,7 +267,10 @@ impl Engine {
             return Err(Error::Conflict(format!("{id} is a child run; resume its root run {}", record.root_id)));
         }
         if matches!(record.status, RunStatus::Succeeded | RunStatus::Cancelled) {
-            return Err(Error::Conflict(format!("run {id} is {}; only failed or unfinished runs can be resumed", record.status)));
+            return Err(Error::Conflict(format!(
+                "run {id} is {}; only failed or unfinished runs can be resumed",
+                record.status
+            )));
         }
         if inner.active.lock().expect("active").contains_key(id) {
             return Err(Error::Conflict(format!("run {id} is already running here")));
@@ -411,7 +417,9 @@ impl Inner {
     fn workflow_permits(&self, def: &Definition) -> Option<Arc<Semaphore>> {
         let limit = def.workflow.concurrency()?;
         let mut map = self.per_workflow.lock().expect("per_workflow");
-        let entry = map.entry(def.workflow.name().to_owned()).or_insert_with(|| (limit, Arc::new(Semaphore::new(limit as usize))));
+        let entry = map
+            .entry(def.workflow.name().to_owned())
+            .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit as usize))));
         if entry.0 != limit {
             *entry = (limit, Arc::new(Semaphore::new(limit as usize)));
         }
@@ -484,7 +492,8 @@ async fn pick_up(inner: &Arc<Inner>, id: &str) -> Result<()> {
     if inner.active.lock().expect("active").contains_key(id) {
         return Ok(());
     }
-    let Some(epoch) = inner.store.claim(id, &inner.node, inner.clock.now_ms(), inner.lease_until(), false).await? else {
+    let Some(epoch) = inner.store.claim(id, &inner.node, inner.clock.now_ms(), inner.lease_until(), false).await?
+    else {
         // Finished or taken by another process: waiters here learn of the end
         // from the poll.
         return Ok(());
@@ -562,10 +571,10 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
         waiters.keys().filter(|id| !active.contains_key(*id)).cloned().collect()
     };
     for id in orphans {
-        if let Some(record) = inner.store.run(&id).await? {
-            if record.status.is_finished() {
-                inner.notify(&id, Ok(outcome(&record)));
-            }
+        if let Some(record) = inner.store.run(&id).await?
+            && record.status.is_finished()
+        {
+            inner.notify(&id, Ok(outcome(&record)));
         }
     }
     for id in inner.store.cancel_requests(&inner.node).await? {

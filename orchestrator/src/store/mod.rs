@@ -125,7 +125,14 @@ pub trait Store: Send + Sync + 'static {
     /// Takes the lease of a root run that is unowned or whose lease expired,
     /// returning the new epoch. `None` if another node holds it or the run is
     /// finished (unless `allow_finished`, used by resume).
-    async fn claim(&self, id: &str, node: &str, now: i64, lease_until: i64, allow_finished: bool) -> Result<Option<i64>>;
+    async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        now: i64,
+        lease_until: i64,
+        allow_finished: bool,
+    ) -> Result<Option<i64>>;
     /// Root runs a worker should pick up: unfinished, not leased (or lease
     /// expired). Waiting runs are included with their `wake_at`.
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>>;

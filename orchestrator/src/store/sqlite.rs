@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Store, Write};
@@ -63,11 +65,14 @@ impl SqliteStore {
 }
 
 async fn migrate(pool: &SqlitePool) -> Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *tx).await?;
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *tx).await?;
     let current = current.unwrap_or(0);
     let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
     if current > latest {
@@ -132,10 +137,7 @@ macro_rules! select_runs {
     };
 }
 
-async fn insert_events(
-    tx: &mut sqlx::SqliteConnection,
-    rows: &[(&str, i64, i64, &Event)],
-) -> Result<()> {
+async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &[(&str, i64, i64, &Event)]) -> Result<()> {
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO journal (run_id, seq, at, kind, event) ");
         qb.push_values(chunk, |mut b, (run, seq, at, event)| {
@@ -217,10 +219,7 @@ impl Store for SqliteStore {
     }
 
     async fn run_by_key(&self, key: &str) -> Result<Option<RunRecord>> {
-        let row = sqlx::query(select_runs!("WHERE idempotency_key = ?"))
-            .bind(key)
-            .fetch_optional(&self.read)
-            .await?;
+        let row = sqlx::query(select_runs!("WHERE idempotency_key = ?")).bind(key).fetch_optional(&self.read).await?;
         row.as_ref().map(record).transpose()
     }
 
@@ -238,10 +237,8 @@ impl Store for SqliteStore {
     }
 
     async fn children(&self, parent: &str) -> Result<Vec<RunRecord>> {
-        let rows = sqlx::query(select_runs!("WHERE parent_id = ? ORDER BY id"))
-            .bind(parent)
-            .fetch_all(&self.read)
-            .await?;
+        let rows =
+            sqlx::query(select_runs!("WHERE parent_id = ? ORDER BY id")).bind(parent).fetch_all(&self.read).await?;
         rows.iter().map(record).collect()
     }
 
@@ -260,7 +257,14 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn claim(&self, id: &str, node: &str, now: i64, lease_until: i64, allow_finished: bool) -> Result<Option<i64>> {
+    async fn claim(
+        &self,
+        id: &str,
+        node: &str,
+        now: i64,
+        lease_until: i64,
+        allow_finished: bool,
+    ) -> Result<Option<i64>> {
         let epoch: Option<i64> = sqlx::query_scalar(
             "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_until = ?, updated_at = ? \
              WHERE id = ? AND parent_id IS NULL AND (owner IS NULL OR owner = ? OR lease_until < ?) \
@@ -336,7 +340,8 @@ impl SqliteStore {
         let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
         // One query for every fence in the batch: the epochs of the runs this
         // node owns right now.
-        let needs_fence = writes.iter().any(|w| matches!(w, Write::Append { .. } | Write::Create { fence: Some(_), .. }));
+        let needs_fence =
+            writes.iter().any(|w| matches!(w, Write::Append { .. } | Write::Create { fence: Some(_), .. }));
         let owned: HashMap<String, i64> = if needs_fence {
             sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
                 .bind(node)
@@ -354,11 +359,11 @@ impl SqliteStore {
         for write in writes {
             match write {
                 Write::Create { fence, run, events } => {
-                    if let Some(f) = fence {
-                        if !holds(f) {
-                            results.push(Err(Error::Fenced(f.root.clone())));
-                            continue;
-                        }
+                    if let Some(f) = fence
+                        && !holds(f)
+                    {
+                        results.push(Err(Error::Fenced(f.root.clone())));
+                        continue;
                     }
                     let created = sqlx::query(
                         "INSERT INTO runs (id, root_id, parent_id, workflow, version, definition, status, input, owner, \
@@ -407,7 +412,6 @@ impl SqliteStore {
         Ok(results)
     }
 
-
     /// The hot path: a batch of plain appends is one statement, atomic on its
     /// own (no BEGIN/COMMIT round trips). The fence is a join: rows of runs
     /// this node no longer owns at the claimed epoch are not inserted.
@@ -415,7 +419,9 @@ impl SqliteStore {
         let mut rows: Vec<(&str, i64, i64, &Event, &Fence)> = Vec::new();
         for write in writes {
             if let Write::Append { fence, run, first_seq, events, .. } = write {
-                rows.extend(events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e, fence)));
+                rows.extend(
+                    events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e, fence)),
+                );
             }
         }
         if rows.len() > INSERT_CHUNK {
@@ -441,12 +447,13 @@ impl SqliteStore {
             return Ok(writes.iter().map(|_| Ok(())).collect());
         }
         // Some fence failed: find out which (rare).
-        let owned: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
-            .bind(node)
-            .fetch_all(&self.write)
-            .await?
-            .into_iter()
-            .collect();
+        let owned: HashMap<String, i64> =
+            sqlx::query_as::<_, (String, i64)>("SELECT id, epoch FROM runs WHERE owner = ?")
+                .bind(node)
+                .fetch_all(&self.write)
+                .await?
+                .into_iter()
+                .collect();
         Ok(writes
             .iter()
             .map(|w| match w {

@@ -114,9 +114,10 @@ impl Step for Http {
             HttpError::Other(m) => StepError::retryable("http_error", m),
         })?;
 
-        let is_json = response.headers.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("content-type") && v.to_ascii_lowercase().contains("json")
-        });
+        let is_json = response
+            .headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.to_ascii_lowercase().contains("json"));
         let body = if is_json {
             serde_json::from_slice(&response.body)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&response.body).into_owned()))
@@ -142,11 +143,8 @@ impl Step for Http {
             let retryable = status == 429 || status >= 500;
             return Err(StepError { code, message, retryable }.into());
         }
-        let headers: Map<String, Value> = response
-            .headers
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v)))
-            .collect();
+        let headers: Map<String, Value> =
+            response.headers.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v))).collect();
         Ok(json!({ "status": status, "headers": headers, "body": body }))
     }
 }
@@ -182,7 +180,9 @@ mod tests {
         let client = Arc::new(Canned { status, seen: Mutex::new(Vec::new()) });
         let step = Http::new(client.clone());
         let mut ctx = context(Arc::new(ManualClock::new(0)), Arc::new(MemorySink::default()));
-        let result = DynStep::run(&step, json!({"url": "http://127.0.0.1:1/x", "method": "post", "json": {"a": 1}}), &mut ctx).await;
+        let result =
+            DynStep::run(&step, json!({"url": "http://127.0.0.1:1/x", "method": "post", "json": {"a": 1}}), &mut ctx)
+                .await;
         let seen = client.seen.lock().unwrap().clone();
         (result, seen)
     }

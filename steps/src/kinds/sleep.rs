@@ -39,10 +39,7 @@ impl Step for Sleep {
                 let at = humantime::parse_rfc3339_weak(until.trim()).map_err(|e| {
                     StepError::fatal("config", format!("with.until: {until:?} is not an RFC 3339 time: {e}"))
                 })?;
-                let at_ms = at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
+                let at_ms = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
                 ctx.sleep_until(at_ms)?;
                 at_ms
             }

@@ -11,17 +11,12 @@ use super::*;
 
 /// A failure deadline, not a wait: every awaited event is expected promptly.
 async fn within<T>(future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(10), future)
-        .await
-        .expect("timed out after 10 s")
+    tokio::time::timeout(Duration::from_secs(10), future).await.expect("timed out after 10 s")
 }
 
 fn client() -> reqwest::Client {
     switchyard_integrations::install_crypto_provider();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("build reqwest client")
+    reqwest::Client::builder().no_proxy().build().expect("build reqwest client")
 }
 
 async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
@@ -58,26 +53,14 @@ async fn counts_echoes_and_records_calls() {
         );
     }
     let (status, body) = get(server.url("/hit/b")).await;
-    assert_eq!(
-        (status, &body["count"], &body["echo"]),
-        (200, &json!(1), &Value::Null)
-    );
+    assert_eq!((status, &body["count"], &body["echo"]), (200, &json!(1), &Value::Null));
     let (_, body) = send(http.put(server.url("/hit/b")).body("not json")).await;
     assert_eq!((&body["count"], &body["echo"]), (&json!(2), &Value::Null));
 
-    assert_eq!(
-        (server.count("a"), server.count("b"), server.count("c")),
-        (2, 2, 0)
-    );
+    assert_eq!((server.count("a"), server.count("b"), server.count("c")), (2, 2, 0));
     let calls = server.calls();
-    let order: Vec<_> = calls
-        .iter()
-        .map(|c| (c.name.as_str(), c.method.as_str()))
-        .collect();
-    assert_eq!(
-        order,
-        [("a", "POST"), ("a", "POST"), ("b", "GET"), ("b", "PUT")]
-    );
+    let order: Vec<_> = calls.iter().map(|c| (c.name.as_str(), c.method.as_str())).collect();
+    assert_eq!(order, [("a", "POST"), ("a", "POST"), ("b", "GET"), ("b", "PUT")]);
     let a = server.calls_to("a");
     assert_eq!(a.len(), 2);
     assert_eq!(a[1].idempotency_key.as_deref(), Some("key-2"));
@@ -104,11 +87,7 @@ async fn fail_first_then_succeed_and_custom_status() {
         let (status, body) = get(server.url("/hit/flaky?fail_first=2")).await;
         assert_eq!(status, expected, "call {n}");
         assert_eq!(body["count"], json!(n));
-        assert_eq!(
-            body.get("error").is_some(),
-            expected == 503,
-            "call {n}: {body}"
-        );
+        assert_eq!(body.get("error").is_some(), expected == 503, "call {n}: {body}");
     }
 
     let (status, body) = get(server.url("/hit/teapot?status=418")).await;
@@ -121,10 +100,7 @@ async fn fail_first_then_succeed_and_custom_status() {
 
     let (status, body) = get(server.url("/hit/bad?delay_ms=soon")).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"].as_str().unwrap().contains("delay_ms"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("delay_ms"), "{body}");
     assert_eq!(server.count("bad"), 1, "bad parameters are still recorded");
 }
 
@@ -163,10 +139,8 @@ async fn hold_first_parks_the_first_call_until_released() {
 async fn max_in_flight_counts_overlapping_calls() {
     let server = CounterServer::start().await;
     let names: Vec<String> = (0..5).map(|i| format!("p{i}")).collect();
-    let replies: Vec<_> = names
-        .iter()
-        .map(|name| tokio::spawn(get(server.url(&format!("/hit/{name}?hold_first=1")))))
-        .collect();
+    let replies: Vec<_> =
+        names.iter().map(|name| tokio::spawn(get(server.url(&format!("/hit/{name}?hold_first=1"))))).collect();
     for name in &names {
         within(server.wait_for_held(name)).await;
     }
@@ -203,10 +177,7 @@ async fn wait_for_calls_resolves_when_count_is_reached() {
 async fn dropped_connection_on_held_call_leaves_flight() {
     let server = CounterServer::start().await;
     let mut stream = TcpStream::connect(server.addr()).await.unwrap();
-    stream
-        .write_all(b"GET /hit/d?hold_first=1 HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
+    stream.write_all(b"GET /hit/d?hold_first=1 HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n").await.unwrap();
     within(server.wait_for_held("d")).await;
     assert_eq!(server.in_flight(), 1);
 
