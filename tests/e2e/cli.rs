@@ -153,3 +153,54 @@ async fn a_killed_process_resumes_without_repeating_completed_steps() {
     assert!(shown.contains("status:   succeeded") && shown.contains("s3"), "{shown}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_cancel_from_another_process_stops_the_run() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("cancel-cli");
+    let db = dir.join("switchyard.db");
+    let file = dir.join("wait.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: wait\ninput: {{type: object, required: [who]}}\nsteps:\n  - id: call\n    kind: http\n    with: {{url: \"{}\", query: {{who: \"{{{{ input.who }}}}\"}}}}\n",
+            server.url("/hit/call?hold_first=1")
+        ),
+    )
+    .unwrap();
+    let input = dir.join("input.json");
+    std::fs::write(&input, r#"{"who": "ops"}"#).unwrap();
+    let mut running = switchyard(&db)
+        .arg("run")
+        .arg(&file)
+        .arg("--input")
+        .arg(format!("@{}", input.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(running.stderr.take().unwrap()).lines();
+    let run_id = stderr.next_line().await.unwrap().unwrap().split_whitespace().nth(1).unwrap().to_owned();
+    server.wait_for_held("call").await;
+    assert_eq!(server.calls_to("call")[0].query["who"], "ops");
+
+    let out = switchyard(&db).args(["runs", "cancel", &run_id]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requested"));
+    // The process running it notices at its next poll and ends the run.
+    let status = running.wait().await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    let mut rest = Vec::new();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        rest.push(line);
+    }
+    assert!(rest.iter().any(|l| l.contains(&format!("run {run_id} cancelled"))), "{rest:?}");
+    let store = store(&dir).await;
+    assert_eq!(store.run(&run_id).await.unwrap().unwrap().status, RunStatus::Cancelled);
+
+    let out = switchyard(&db).args(["runs", "cancel", "no-such-run"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = switchyard(&db).args(["runs", "list", "--status", "bogus"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    server.stop().await;
+}

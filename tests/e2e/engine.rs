@@ -11,17 +11,14 @@ use switchyard_orchestrator::journal::{Event, RunStatus};
 use switchyard_steps::{Clock, ManualClock, SystemClock};
 use switchyard_tests::{CounterServer, temp_dir};
 
-use crate::support::{compile, drive, engine, journal, step_events, store};
+use crate::support::{Fixture, compile, drive, engine, journal, step_events, stop, store};
 
 const T0: i64 = 1_800_000_000_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_follow_the_policy_under_a_manual_clock() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("retries");
-    let store = store(&dir).await;
     let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("retries", Arc::new(clock.clone())).await;
     let yaml = format!(
         r#"
 name: retries
@@ -68,17 +65,13 @@ steps:
         .collect();
     assert_eq!(delays, [10_000, 15_000]);
     assert!(outcome.error.unwrap().message.contains("step hopeless"));
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_retryable_errors_are_not_retried() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("noretry");
-    let store = store(&dir).await;
     let clock = ManualClock::new(T0);
-    let engine = engine(store, Arc::new(clock.clone()), EngineOptions::default());
+    let Fixture { server, dir, store: _, engine } = Fixture::new("noretry", Arc::new(clock.clone())).await;
     let yaml = format!(
         "name: noretry\nsteps:\n  - id: bad\n    kind: http\n    with: {{url: \"{}\"}}\n    retry: {{max_attempts: 5}}\n",
         server.url("/hit/bad?status=404")
@@ -88,17 +81,13 @@ async fn non_retryable_errors_are_not_retried() {
     assert_eq!(outcome.status, RunStatus::Failed);
     assert_eq!(outcome.error.unwrap().code, "http_404");
     assert_eq!(server.count("bad"), 1);
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_fails_the_attempt() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("timeout");
-    let store = store(&dir).await;
     let clock = ManualClock::new(T0);
-    let engine = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("timeout", Arc::new(clock.clone())).await;
     let yaml = format!(
         "name: slow\nsteps:\n  - id: slow\n    kind: http\n    timeout: 30s\n    with: {{url: \"{}\"}}\n",
         server.url("/hit/slow?hold_first=5")
@@ -113,16 +102,12 @@ async fn a_timeout_fails_the_attempt() {
     assert_eq!(failed_at - started_at, 30_000);
     // The abandoned request was dropped, not left running.
     server.wait_idle().await;
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_stops_the_run_and_its_running_steps() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("cancel");
-    let store = store(&dir).await;
-    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("cancel", Arc::new(SystemClock)).await;
     let yaml = format!(
         "name: blocked\nsteps:\n  - id: wait\n    kind: http\n    with: {{url: \"{}\"}}\n  - id: after\n    kind: transform\n    needs: [wait]\n    with: {{}}\n",
         server.url("/hit/block?hold_first=1")
@@ -139,16 +124,12 @@ async fn cancelling_stops_the_run_and_its_running_steps() {
     assert_eq!(record.status, RunStatus::Cancelled);
     assert!(step_events(&journal(&store, &id).await, "after").is_empty());
     assert_eq!(engine.cancel(&id).await.unwrap(), Cancelled::AlreadyFinished(RunStatus::Cancelled));
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn independent_steps_overlap() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("overlap");
-    let store = store(&dir).await;
-    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("overlap", Arc::new(SystemClock)).await;
     let yaml = format!(
         r#"
 name: overlap
@@ -186,8 +167,7 @@ output: "{{{{ steps.both.output }}}}"
     let (a0, a1) = span("a");
     let (b0, b1) = span("b");
     assert!(a0 <= b1 && b0 <= a1, "a {a0}..{a1} and b {b0}..{b1} do not overlap");
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,10 +277,7 @@ output: "{{ steps.after.output }}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn map_bounds_concurrency_and_keeps_item_order() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("map");
-    let store = store(&dir).await;
-    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("map", Arc::new(SystemClock)).await;
     let yaml = format!(
         r#"
 name: fan
@@ -333,16 +310,12 @@ output: "{{{{ steps.each.output }}}}"
     // Each item's step has its own idempotency key, with the item index.
     let key = server.calls_to("item").into_iter().find(|c| c.query["i"] == "7").unwrap().idempotency_key;
     assert_eq!(key.as_deref(), Some(&format!("{}/each/7/call", outcome.id)[..]));
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_run_resumes_from_the_failed_step() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("resume");
-    let store = store(&dir).await;
-    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let Fixture { server, dir, store: _, engine } = Fixture::new("resume", Arc::new(SystemClock)).await;
     let yaml = format!(
         r#"
 name: incomplete
@@ -376,16 +349,12 @@ output: "{{{{ steps.child.output }}}}"
     // Completed work was reused: only the failed step ran again.
     assert_eq!((server.count("first"), server.count("once"), server.count("flaky")), (1, 1, 2));
     assert!(engine.resume(&outcome.id).await.is_err(), "a succeeded run cannot be resumed");
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_workflow_concurrency_queues_excess_runs() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("limit");
-    let store = store(&dir).await;
-    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("limit", Arc::new(SystemClock)).await;
     let yaml = format!(
         "name: limited\nconcurrency: 1\nsteps:\n  - id: work\n    kind: http\n    with: {{url: \"{}\"}}\n",
         server.url("/hit/work?hold_first=1")
@@ -402,8 +371,7 @@ async fn per_workflow_concurrency_queues_excess_runs() {
         assert_eq!(engine.wait(id).await.unwrap().status, RunStatus::Succeeded);
     }
     assert_eq!(server.count("work"), 2);
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,10 +442,7 @@ async fn a_short_sleep_waits_in_memory_and_records_its_time_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_run_ends_its_child_runs() {
-    let server = CounterServer::start().await;
-    let dir = temp_dir("cancel-children");
-    let store = store(&dir).await;
-    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let Fixture { server, dir, store, engine } = Fixture::new("cancel-children", Arc::new(SystemClock)).await;
     let yaml = format!(
         "name: parent\nsteps:\n  - id: each\n    kind: map\n    with:\n      items: [1, 2]\n      steps:\n        - id: call\n          kind: http\n          with: {{url: \"{}\"}}\n",
         server.url("/hit/c?hold_first=2")
@@ -490,6 +455,5 @@ async fn cancelling_a_run_ends_its_child_runs() {
     assert_eq!(children.len(), 2);
     assert!(children.iter().all(|c| c.status == RunStatus::Cancelled), "{children:?}");
     server.wait_idle().await;
-    engine.shutdown().await;
-    server.stop().await;
+    stop(engine, server).await;
 }

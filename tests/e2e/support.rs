@@ -10,7 +10,7 @@ use switchyard_orchestrator::journal::Event;
 use switchyard_orchestrator::store::{JournalEntry, SqliteOptions, SqliteStore, Store};
 use switchyard_orchestrator::{Definition, Engine, EngineOptions};
 use switchyard_steps::{Clock, ManualClock, Registry};
-use switchyard_tests::TempDir;
+use switchyard_tests::{CounterServer, TempDir, temp_dir};
 
 pub fn registry() -> Registry {
     switchyard_tests::install_crypto_provider();
@@ -65,4 +65,28 @@ pub fn step_events<'a>(journal: &'a [JournalEntry], step: &str) -> Vec<&'a Journ
             _ => false,
         })
         .collect()
+}
+
+/// A local HTTP server, a fresh database and an engine on it.
+pub struct Fixture {
+    pub server: CounterServer,
+    pub dir: TempDir,
+    pub store: Arc<dyn Store>,
+    pub engine: Engine,
+}
+
+impl Fixture {
+    pub async fn new(name: &str, clock: Arc<dyn Clock>) -> Self {
+        let server = CounterServer::start().await;
+        let dir = temp_dir(name);
+        let store = store(&dir).await;
+        let engine = engine(store.clone(), clock, EngineOptions::default());
+        Self { server, dir, store, engine }
+    }
+}
+
+/// Stops what a test started.
+pub async fn stop(engine: Engine, server: CounterServer) {
+    engine.shutdown().await;
+    server.stop().await;
 }

@@ -199,3 +199,18 @@ fn join_keys_are_relative_to_the_calling_file() {
     assert_eq!(join_key("a/b.yaml", "../c.yaml"), "c.yaml");
     assert_eq!(join_key("b.yaml", "./x/c.yaml"), "x/c.yaml");
 }
+
+#[test]
+fn json_files_use_the_same_model() {
+    let def = compile_files(&[(
+        "wf.json",
+        r#"{"name": "j", "steps": [{"id": "a", "kind": "transform", "with": {"x": "{{ input.x }}"}},
+            {"id": "b", "kind": "transform", "needs": ["a"], "with": {"y": 1}}], "output": "{{ steps.a.output }}"}"#,
+    )])
+    .unwrap();
+    assert_eq!(def.workflow.step_ids().collect::<Vec<_>>(), ["a", "b"]);
+    let errs =
+        compile_files(&[("wf.json", r#"{"name": "j", "steps": [{"id": "a", "kind": "transform", "nope": 1}]}"#)])
+            .unwrap_err();
+    assert!(errs.to_string().contains("unknown field `nope`"), "{errs}");
+}
