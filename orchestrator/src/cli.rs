@@ -141,9 +141,10 @@ fn registry() -> Result<Registry> {
 
 async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
     let synchronous_full = cli.sqlite_sync == SqliteSync::Full;
+    // The driver's error already names its cause; its source chain repeats it.
     let store = SqliteStore::open(&SqliteOptions { url: cli.db.clone(), synchronous_full })
         .await
-        .with_context(|| format!("opening database {}", cli.db))?;
+        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cli.db))?;
     Ok(Arc::new(store))
 }
 

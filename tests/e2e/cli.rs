@@ -204,3 +204,42 @@ async fn runs_cancel_from_another_process_stops_the_run() {
     assert_eq!(out.status.code(), Some(2));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn bench_prints_one_valid_json_line_per_measurement() {
+    let dir = temp_dir("bench");
+    let out = Command::new(BIN).arg("bench").env("TMPDIR", dir.path()).kill_on_drop(true).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let kinds: Vec<(&str, &str)> =
+        lines.iter().map(|l| (l["workload"].as_str().unwrap(), l["metric"].as_str().unwrap())).collect();
+    assert_eq!(kinds, [("chain40", "latency"), ("chain40", "throughput"), ("fanout100", "latency")]);
+    for line in &lines {
+        assert!(line.get("error").is_none(), "{line}");
+        assert_eq!(line["engine"], "switchyard");
+        assert_eq!(line["mode"], "sqlite-wal-full");
+        assert_eq!(line["per_step_durable"], "yes");
+    }
+    assert_eq!(
+        (lines[0]["n"].as_u64(), lines[1]["n"].as_u64(), lines[2]["n"].as_u64()),
+        (Some(30), Some(200), Some(20))
+    );
+    for l in [&lines[0], &lines[2]] {
+        let (p50, p95) = (l["p50_ms"].as_f64().unwrap(), l["p95_ms"].as_f64().unwrap());
+        assert!(0.0 < p50 && p50 <= p95, "{l}");
+    }
+    let wall = lines[1]["wall_s"].as_f64().unwrap();
+    let steps = lines[1]["steps_per_s"].as_f64().unwrap();
+    assert!(wall > 0.0 && (steps - 8000.0 / wall).abs() / steps < 0.01, "{}", lines[1]);
+    // The database lived in the temporary folder and is gone.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    let figures = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md")).unwrap();
+    for needle in ["chain40", "fanout100", "switchyard bench", "sqlite-wal-full"] {
+        assert!(figures.contains(needle), "BENCHMARKS.md lacks {needle}");
+    }
+}
