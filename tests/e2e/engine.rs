@@ -457,3 +457,35 @@ async fn cancelling_a_run_ends_its_child_runs() {
     server.wait_idle().await;
     stop(engine, server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_limit_queues_runs_beyond_it() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("global");
+    let store = store(&dir).await;
+    let options = EngineOptions { max_concurrent_runs: 2, ..Default::default() };
+    let engine = engine(store.clone(), Arc::new(SystemClock), options);
+    let yaml = format!(
+        "name: one\nsteps:\n  - id: work\n    kind: http\n    with: {{url: \"{}\"}}\n",
+        server.url("/hit/work?hold_first=2")
+    );
+    let def = compile(&dir, "one.yaml", &yaml);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(engine.submit(&def, json!({})).await.unwrap());
+    }
+    server.wait_for_calls("work", 2).await;
+    // Two runs hold the two slots; the third is queued, untouched.
+    let third = ids.iter().find(|id| {
+        !server.calls_to("work").iter().any(|c| c.idempotency_key.as_deref() == Some(&format!("{id}/work")[..]))
+    });
+    let third = third.expect("one run has not started");
+    assert_eq!(store.run(third).await.unwrap().unwrap().status, RunStatus::Queued);
+    server.release("work");
+    for id in &ids {
+        assert_eq!(engine.wait(id).await.unwrap().status, RunStatus::Succeeded);
+    }
+    assert_eq!(server.count("work"), 3);
+    assert!(server.max_in_flight() <= 2);
+    stop(engine, server).await;
+}

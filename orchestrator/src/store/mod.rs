@@ -144,3 +144,6 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel_requests(&self, node: &str) -> Result<Vec<String>>;
     async fn request_cancel(&self, id: &str, now: i64) -> Result<()>;
 }
+
+#[cfg(test)]
+mod tests;
