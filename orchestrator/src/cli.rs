@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use switchyard_steps::{Registry, SystemClock};
 
-use crate::engine::{Cancelled, Engine, EngineOptions, Error as EngineError, RunOutcome};
+use crate::engine::{Cancelled, Engine, EngineOptions, Error as EngineError, RunOutcome, Submitted};
 use crate::journal::RunStatus;
 use crate::store::{SqliteOptions, SqliteStore, Store};
 use crate::{compile, report};
@@ -72,6 +72,10 @@ enum Command {
         /// Run input: JSON text, or @path to a JSON file.
         #[arg(long, default_value = "{}")]
         input: String,
+        /// Start the run only once per key: running the command again with
+        /// the same key reports the first run instead of starting another.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Inspect and steer runs.
     Runs {
@@ -171,7 +175,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if failed { ExitCode::from(EXIT_INVALID) } else { ExitCode::SUCCESS })
         }
-        Command::Run { file, input } => {
+        Command::Run { file, input, idempotency_key } => {
             let registry = registry()?;
             let def = match compile::compile_file(file, &registry) {
                 Ok(def) => def,
@@ -191,17 +195,40 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             };
             let store = open_store(&cli).await?;
             let engine = engine(&cli, store, registry, false);
-            let id = match engine.submit(&def, input).await {
-                Ok(id) => id,
+            let submitted = match idempotency_key {
+                Some(key) => engine.submit_once(&def, input, key).await,
+                None => engine.submit(&def, input).await.map(|id| Submitted { id, created: true }),
+            };
+            let id = match submitted {
+                Ok(Submitted { id, created: true }) => {
+                    eprintln!("run {id} started ({} v{})", def.workflow.name(), def.workflow.version());
+                    id
+                }
+                Ok(Submitted { id, created: false }) => {
+                    eprintln!("run {id} already exists for this idempotency key");
+                    // Continue it here if nobody drives it (its process died);
+                    // a finished or live run is only reported.
+                    let unfinished = engine.store().run(&id).await?.is_some_and(|r| !r.status.is_finished());
+                    if unfinished {
+                        match engine.resume(&id).await {
+                            Ok(()) | Err(EngineError::Conflict(_)) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    id
+                }
                 Err(EngineError::InvalidInput(errors)) => {
                     for e in errors {
                         eprintln!("{}: {e}", file.display());
                     }
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
+                Err(e @ EngineError::Conflict(_)) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
                 Err(e) => return Err(e.into()),
             };
-            eprintln!("run {id} started ({} v{})", def.workflow.name(), def.workflow.version());
             wait_and_report(&engine, &id).await
         }
         Command::Runs { command } => {

@@ -243,3 +243,25 @@ async fn bench_prints_one_valid_json_line_per_measurement() {
         assert!(figures.contains(needle), "BENCHMARKS.md lacks {needle}");
     }
 }
+
+#[tokio::test]
+async fn run_with_an_idempotency_key_reports_the_first_run_again() {
+    let dir = temp_dir("run-once");
+    let db = dir.join("switchyard.db");
+    let file = dir.join("once.yaml");
+    std::fs::write(&file, "name: once\nsteps:\n  - id: t\n    kind: transform\n    with: {n: \"{{ input.n }}\"}\noutput: \"{{ steps.t.output.n }}\"\n")
+        .unwrap();
+    let run = |n: u32| {
+        let mut cmd = switchyard(&db);
+        cmd.arg("run").arg(&file).args(["--idempotency-key", "k1", "--input", &format!(r#"{{"n": {n}}}"#)]);
+        cmd
+    };
+    let first = run(1).output().await.unwrap();
+    let again = run(2).output().await.unwrap();
+    assert!(first.status.success() && again.status.success());
+    assert_eq!(String::from_utf8_lossy(&first.stdout).trim(), "1");
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "1", "the first run's result, not a new run");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let listed = switchyard(&db).args(["runs", "list"]).output().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count(), 2, "a header and one run");
+}

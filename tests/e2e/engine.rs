@@ -489,3 +489,23 @@ async fn the_global_limit_queues_runs_beyond_it() {
     assert!(server.max_in_flight() <= 2);
     stop(engine, server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_starts_a_run_once() {
+    let dir = temp_dir("once");
+    let store = store(&dir).await;
+    let engine = engine(store.clone(), Arc::new(SystemClock), EngineOptions::default());
+    let def =
+        compile(&dir, "once.yaml", "name: once\nsteps:\n  - id: t\n    kind: transform\n    with: \"{{ input.n }}\"\n");
+    let first = engine.submit_once(&def, json!({"n": 1}), "nightly-2026-11-24").await.unwrap();
+    let again = engine.submit_once(&def, json!({"n": 2}), "nightly-2026-11-24").await.unwrap();
+    assert!(first.created && !again.created);
+    assert_eq!(first.id, again.id);
+    assert_eq!(engine.wait(&first.id).await.unwrap().output, Some(json!({"t": 1})));
+    assert_eq!(store.runs(None, false, 10).await.unwrap().len(), 1);
+
+    let other = compile(&dir, "other.yaml", "name: other\nsteps:\n  - id: t\n    kind: transform\n    with: {}\n");
+    let err = engine.submit_once(&other, json!({}), "nightly-2026-11-24").await.unwrap_err();
+    assert!(err.to_string().contains("belongs to run"), "{err}");
+    engine.shutdown().await;
+}

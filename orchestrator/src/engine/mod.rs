@@ -86,6 +86,14 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A run started (or found) by [`Engine::submit_once`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: String,
+    /// False when a run with the same idempotency key already existed.
+    pub created: bool,
+}
+
 /// What `cancel` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancelled {
@@ -165,6 +173,30 @@ impl Engine {
 
     /// Starts a run and returns its id once the start is durable.
     pub async fn submit(&self, def: &Definition, input: Value) -> Result<String> {
+        Ok(self.create_run(def, input, None).await?.id)
+    }
+
+    /// Starts a run unless one was already started with `key` (a retried
+    /// trigger, a cron job run twice): then returns that run instead.
+    pub async fn submit_once(&self, def: &Definition, input: Value, key: &str) -> Result<Submitted> {
+        if let Some(existing) = self.existing(def, key).await? {
+            return Ok(existing);
+        }
+        self.create_run(def, input, Some(key.to_owned())).await
+    }
+
+    async fn existing(&self, def: &Definition, key: &str) -> Result<Option<Submitted>> {
+        let Some(run) = self.inner.store.run_by_key(key).await? else { return Ok(None) };
+        if run.workflow != def.workflow.name() {
+            return Err(Error::Conflict(format!(
+                "idempotency key {key:?} belongs to run {} of workflow {:?}",
+                run.id, run.workflow
+            )));
+        }
+        Ok(Some(Submitted { id: run.id, created: false }))
+    }
+
+    async fn create_run(&self, def: &Definition, input: Value, key: Option<String>) -> Result<Submitted> {
         def.workflow.check_input(&input).map_err(Error::InvalidInput)?;
         let inner = &self.inner;
         let def = inner.remember(def).await?;
@@ -183,12 +215,19 @@ impl Engine {
             owner: Some(inner.node.clone()),
             epoch: 1,
             lease_until: Some(now + inner.options.lease.as_millis() as i64),
-            idempotency_key: None,
+            idempotency_key: key.clone(),
         };
         let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
         inner.writer.commit(Write::Create { fence: None, run, events: vec![(now, started)] }).await?;
+        if let Some(key) = &key
+            && let Some(winner) = inner.store.run_by_key(key).await?
+            && winner.id != id
+        {
+            // Two submits with one key raced; the store kept the other one.
+            return Ok(Submitted { id: winner.id, created: false });
+        }
         dispatch(inner, id.clone(), 1, def);
-        Ok(id)
+        Ok(Submitted { id, created: true })
     }
 
     /// Waits for a root run to finish.
