@@ -21,7 +21,7 @@ use super::writer::CommitError;
 use crate::expr;
 use crate::journal::{Event, RunStatus};
 use crate::spec::{Join, OnError};
-use crate::store::{self, Fence, RunUpdate};
+use crate::store::{self, Fence, JournalEntry, RunUpdate};
 use crate::workflow::{StepKind, Workflow};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,9 +155,20 @@ impl Driver {
         wf: Arc<Workflow>,
         cancel: CancellationToken,
     ) -> Result<Self, DriveError> {
+        let entries = inner.store.journal(&run.id).await?;
+        Self::from_journal(inner, run, wf, cancel, &entries)
+    }
+
+    /// Builds the driver from a journal already in hand (a run just created).
+    pub fn from_journal(
+        inner: Arc<Inner>,
+        run: RunRef,
+        wf: Arc<Workflow>,
+        cancel: CancellationToken,
+        entries: &[JournalEntry],
+    ) -> Result<Self, DriveError> {
         let RunRef { id: run_id, is_root, definition, fence } = run;
         let run_id = run_id.as_str();
-        let entries = inner.store.journal(run_id).await?;
         let mut input = Value::Null;
         let mut steps = vec![StepState::new(); wf.steps.len()];
         let mut failure = None;
@@ -166,7 +177,7 @@ impl Driver {
             wf.step_index(id)
                 .ok_or_else(|| DriveError::Invalid(run_id.to_owned(), format!("journal names unknown step {id:?}")))
         };
-        for entry in &entries {
+        for entry in entries {
             match &entry.event {
                 Event::RunStarted { input: i, .. } => input = i.clone(),
                 Event::StepStarted { step, attempt } => {
@@ -267,6 +278,13 @@ impl Driver {
                 return self.finish_cancelled().await;
             }
             self.schedule();
+            if self.launches.is_empty()
+                && self.running.is_empty()
+                && (self.failure.is_some() || self.steps.iter().all(|s| s.status.is_terminal()))
+            {
+                // The last results are committed with the run's end.
+                return self.finish().await;
+            }
             // One commit for everything decided since the last one: results
             // of finished attempts, skips, switch choices and the starts of
             // the attempts they unblock. Only then do those attempts run.

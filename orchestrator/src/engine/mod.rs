@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compile::{self, CompileErrors};
 use crate::journal::{Event, RunStatus};
-use crate::store::{self, Fence, NewRun, RunRecord, RunUpdate, Store, Write};
+use crate::store::{self, Fence, JournalEntry, NewRun, RunRecord, RunUpdate, Store, Write};
 use crate::workflow::Definition;
 use driver::{DriveError, Driver, Outcome, RunRef};
 pub use writer::CommitError;
@@ -218,6 +218,7 @@ impl Engine {
             idempotency_key: key.clone(),
         };
         let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
+        let journal = vec![JournalEntry { seq: 0, at: now, event: started.clone() }];
         inner.writer.commit(Write::Create { fence: None, run, events: vec![(now, started)] }).await?;
         if let Some(key) = &key
             && let Some(winner) = inner.store.run_by_key(key).await?
@@ -226,7 +227,7 @@ impl Engine {
             // Two submits with one key raced; the store kept the other one.
             return Ok(Submitted { id: winner.id, created: false });
         }
-        dispatch(inner, id.clone(), 1, def);
+        dispatch(inner, id.clone(), 1, def, Some(journal));
         Ok(Submitted { id, created: true })
     }
 
@@ -330,7 +331,7 @@ impl Engine {
             }
         }
         inner.timers.lock().expect("timers").retain(|(_, r)| r != id);
-        dispatch(inner, id.to_owned(), epoch, def);
+        dispatch(inner, id.to_owned(), epoch, def, None);
         Ok(())
     }
 
@@ -467,7 +468,8 @@ impl Inner {
 }
 
 /// Starts driving a claimed root run (after its concurrency slots are free).
-fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>) {
+/// `journal` is the run's journal when the caller has just written all of it.
+fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, journal: Option<Vec<JournalEntry>>) {
     let token = CancellationToken::new();
     {
         let mut active = inner.active.lock().expect("active");
@@ -500,7 +502,12 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>) {
             fence: Fence { root: id.clone(), epoch },
         };
         let result = async {
-            let driver = Driver::load(inner.clone(), run, def.workflow.clone(), token.clone()).await?;
+            let driver = match journal {
+                Some(entries) => {
+                    Driver::from_journal(inner.clone(), run, def.workflow.clone(), token.clone(), &entries)?
+                }
+                None => Driver::load(inner.clone(), run, def.workflow.clone(), token.clone()).await?,
+            };
             driver.drive().await
         }
         .await;
@@ -540,7 +547,7 @@ async fn pick_up(inner: &Arc<Inner>, id: &str) -> Result<()> {
     let Some(record) = inner.store.run(id).await? else { return Ok(()) };
     let def = inner.definition(&record.definition).await?;
     tracing::info!(run = %id, workflow = %record.workflow, "picking up run");
-    dispatch(inner, id.to_owned(), epoch, def);
+    dispatch(inner, id.to_owned(), epoch, def, None);
     Ok(())
 }
 
