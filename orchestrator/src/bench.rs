@@ -108,8 +108,13 @@ async fn throughput(engine: &Engine, def: &Definition, n: usize) -> Result<Durat
     Ok(start.elapsed())
 }
 
+/// Two decimals (three for seconds), for readable JSON.
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 /// Runs the named workloads (`chain40`, `fanout100`) and prints their JSON lines.
@@ -153,7 +158,7 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                     Ok(wall) => {
                         let s = wall.as_secs_f64();
                         emit(
-                            json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round(s * 100.0) / 100.0,
+                            json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round3(s),
                             "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}),
                         )
                     }
