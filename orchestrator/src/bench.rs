@@ -157,10 +157,8 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                 match throughput(&engine, &def, 200).await {
                     Ok(wall) => {
                         let s = wall.as_secs_f64();
-                        emit(
-                            json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round3(s),
-                            "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}),
-                        )
+                        emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round3(s),
+                            "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}))
                     }
                     Err(e) => {
                         emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "error": e.to_string()}))

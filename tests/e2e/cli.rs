@@ -265,3 +265,21 @@ async fn run_with_an_idempotency_key_reports_the_first_run_again() {
     let listed = switchyard(&db).args(["runs", "list"]).output().await.unwrap();
     assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count(), 2, "a header and one run");
 }
+
+/// The README's quick-start command, word for word (with its own database).
+#[tokio::test]
+async fn the_quick_start_runs_the_nightly_report_offline() {
+    let dir = temp_dir("quickstart");
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let command = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run --release -p switchyard-orchestrator -- run "))
+        .expect("the quick start in README.md");
+    let args: Vec<&str> = command.split(" -- ").nth(1).unwrap().split_whitespace().collect();
+    let out = switchyard(&dir.join("switchyard.db")).current_dir(root).args(&args).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["overall"], "red");
+    assert_eq!(report["breaches"], json!(["search"]));
+}
