@@ -365,9 +365,9 @@ async fn reminder_waits_its_cooldown_then_reminds() {
     let outcome = examples.succeed("reminder.yaml", input).await;
     let took = started.elapsed();
     assert_eq!(outcome.output, Some(json!({"channel": "#ops", "text": "@alice Reminder: rotate the TLS cert"})));
-    // The file sleeps 1s: the run must have waited, and not much longer.
+    // The file sleeps 1s: the run must have waited (no upper bound: this is
+    // not a timing test).
     assert!(took >= Duration::from_secs(1), "finished after {took:?}");
-    assert!(took < Duration::from_secs(3), "finished after {took:?}");
     let journal = examples.journal(&outcome.id).await;
     assert!(
         journal.iter().any(|e| matches!(e,
