@@ -14,7 +14,7 @@ use super::Inner;
 use super::driver::{DriveError, Driver, Outcome, RunRef};
 use super::writer::CommitError;
 use crate::journal::{Event, RunStatus};
-use crate::store::{Fence, NewRun, Write};
+use crate::store::{Fence, JournalEntry, NewRun, Write};
 use crate::workflow::Workflow;
 
 #[derive(Debug, Clone)]
@@ -50,6 +50,9 @@ pub(crate) async fn run_child(
         return Err(StepError::fatal("invalid_input", errors.join("; ")).into());
     }
     loop {
+        // A child created just now is driven from the journal it was created
+        // with; an existing one is loaded.
+        let mut created = None;
         match inner.store.run(&id).await.map_err(engine_error)? {
             None => {
                 let run = NewRun {
@@ -68,11 +71,9 @@ pub(crate) async fn run_child(
                 };
                 let started =
                     Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input: input.clone() };
-                let write = Write::Create {
-                    fence: Some(parent.fence.clone()),
-                    run,
-                    events: vec![(inner.clock.now_ms(), started)],
-                };
+                let now = inner.clock.now_ms();
+                created = Some(vec![JournalEntry { seq: 0, at: now, event: started.clone() }]);
+                let write = Write::Create { fence: Some(parent.fence.clone()), run, events: vec![(now, started)] };
                 inner.writer.commit(write).await.map_err(engine_error)?;
             }
             Some(r) if r.status == RunStatus::Succeeded => return Ok(r.output.unwrap_or(Value::Null)),
@@ -86,7 +87,11 @@ pub(crate) async fn run_child(
             definition: parent.definition.clone(),
             fence: parent.fence.clone(),
         };
-        let driver = Driver::load(inner.clone(), run, wf.clone(), ctx.cancel_token()).await.map_err(engine_error)?;
+        let driver = match created {
+            Some(entries) => Driver::from_journal(inner.clone(), run, wf.clone(), ctx.cancel_token(), &entries),
+            None => Driver::load(inner.clone(), run, wf.clone(), ctx.cancel_token()).await,
+        }
+        .map_err(engine_error)?;
         match driver.drive().await {
             Ok(Outcome::Finished { status: RunStatus::Succeeded, output, .. }) => {
                 return Ok(output.unwrap_or(Value::Null));

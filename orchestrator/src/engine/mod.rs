@@ -235,9 +235,20 @@ impl Engine {
     pub async fn wait(&self, id: &str) -> Result<RunOutcome> {
         let (tx, rx) = oneshot::channel();
         self.inner.waiters.lock().expect("waiters").entry(id.to_owned()).or_default().push(tx);
-        let record = self.inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
-        if record.status.is_finished() {
-            return Ok(outcome(&record));
+        match self.inner.store.run(id).await? {
+            Some(r) if !r.status.is_finished() => {}
+            found => {
+                // No need to wait: take this waiter out again.
+                drop(rx);
+                let mut waiters = self.inner.waiters.lock().expect("waiters");
+                if let Some(list) = waiters.get_mut(id) {
+                    list.retain(|w| !w.is_closed());
+                    if list.is_empty() {
+                        waiters.remove(id);
+                    }
+                }
+                return found.map(|r| outcome(&r)).ok_or_else(|| Error::NotFound(id.to_owned()));
+            }
         }
         match rx.await {
             Ok(Ok(outcome)) => Ok(outcome),
