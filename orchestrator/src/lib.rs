@@ -14,6 +14,7 @@ pub mod cli;
 pub mod compile;
 pub mod engine;
 pub mod expr;
+pub mod files;
 pub mod journal;
 pub mod report;
 pub mod spec;
