@@ -1,6 +1,8 @@
 //! The `switchyard` command line.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,13 +12,65 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 use switchyard_steps::{Registry, SystemClock};
 
-use crate::engine::{Cancelled, Engine, EngineOptions, Error as EngineError, RunOutcome, Submitted};
+use crate::engine::{Cancelled, CommitError, Engine, EngineOptions, Error as EngineError, RunOutcome, Submitted};
 use crate::journal::RunStatus;
-use crate::store::{SqliteOptions, SqliteStore, Store};
-use crate::{compile, report};
+use crate::report::{printable, printable_lines};
+use crate::store::{self, SqliteOptions, SqliteStore, Store};
+use crate::{compile, files, report};
 
 /// Exit code for invalid workflows, inputs and usage.
 const EXIT_INVALID: u8 = 2;
+
+// Output. `println!` and `eprintln!` panic when a write fails, as it does
+// once the reader of a pipe is gone (`switchyard runs list | head -1`);
+// these never do. Run data in the text goes through `report::printable`.
+
+/// `println!` that returns the write error instead: `outln!(...)?`. A
+/// closed stdout is [`StdoutClosed`], which ends the command successfully.
+macro_rules! outln {
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// `eprintln!` that ignores a failed write: there is nowhere left to say so.
+macro_rules! errln {
+    ($($arg:tt)*) => { write_stderr(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+/// Appends a line to a `String` (which cannot fail).
+macro_rules! put {
+    ($buf:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($buf, $($arg)*);
+    }};
+}
+
+/// Stdout was closed by its reader: the command stops printing and, having
+/// nothing left to tell, exits 0.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+struct StdoutClosed;
+
+fn write_stdout(args: fmt::Arguments<'_>) -> Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::anyhow!("writing to stdout: {e}")),
+    }
+}
+
+fn write_stderr(args: fmt::Arguments<'_>) {
+    let _ = io::stderr().lock().write_fmt(args);
+}
+
+/// For output that is not all the command has to do (a run's result, the
+/// `validate` lines): a closed stdout is not an error there.
+fn unless_closed(written: Result<()>) -> Result<()> {
+    match written {
+        Err(e) if e.is::<StdoutClosed>() => Ok(()),
+        other => other,
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "switchyard", version, about = "Durable AI workflow orchestration")]
@@ -103,6 +157,9 @@ enum RunsCommand {
         status: Option<RunStatus>,
         #[arg(long, default_value_t = 50)]
         limit: i64,
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// A run's status, result and steps.
     Show {
@@ -110,6 +167,9 @@ enum RunsCommand {
         /// Print the raw journal too.
         #[arg(long)]
         journal: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Continue a failed (or abandoned) run; completed steps are not repeated.
     Resume { run: String },
@@ -125,17 +185,79 @@ pub fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
+            errln!("error: starting the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let db = cli.db.clone();
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {}", printable_lines(&describe(&db, &e)));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The message of a failed command. One that comes from the database names
+/// it, once: `database <db>: <what went wrong>`.
+fn describe(db: &str, e: &anyhow::Error) -> String {
+    match e.chain().find_map(database_cause) {
+        Some(cause) => format!("database {db}: {cause}"),
+        None => format!("{e:#}"),
+    }
+}
+
+/// What went wrong in the database, without the layers that only say
+/// "database" again.
+fn database_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    fn store_cause(e: &store::Error) -> String {
+        match e {
+            store::Error::Db(e) => sqlx_cause(e),
+            other => other.to_string(),
+        }
+    }
+    fn sqlx_cause(e: &sqlx::Error) -> String {
+        match e {
+            sqlx::Error::Database(e) => e.message().to_owned(),
+            other => other.to_string(),
+        }
+    }
+    if let Some(e) = e.downcast_ref::<EngineError>() {
+        return match e {
+            EngineError::Store(e) => Some(store_cause(e)),
+            // The message is a store error's text; its "database: " says
+            // what the prefix says already.
+            EngineError::Commit(CommitError::Failed(m)) => {
+                Some(format!("journal write failed: {}", m.strip_prefix("database: ").unwrap_or(m)))
+            }
+            _ => None,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<store::Error>() {
+        return Some(store_cause(e));
+    }
+    e.downcast_ref::<sqlx::Error>().map(sqlx_cause)
+}
+
+/// `--db` must name a database file. An empty name and in-memory SQLite are
+/// refused before anything is opened: the store keeps a pool of
+/// connections, and each would get its own empty in-memory database.
+fn check_db(db: &str) -> Result<(), String> {
+    let lower = db.trim().to_ascii_lowercase();
+    let path = lower.strip_prefix("sqlite://").or_else(|| lower.strip_prefix("sqlite:")).unwrap_or(&lower);
+    if path.split('?').next().unwrap_or_default().trim().is_empty() {
+        return Err(format!("--db \"{}\": no database file named; give a file path or sqlite:// URL", printable(db)));
+    }
+    if lower.contains(":memory:") || lower.contains("mode=memory") {
+        return Err(format!(
+            "--db \"{}\": in-memory databases are not supported (each connection would see its own empty database); \
+             give a file path",
+            printable(db)
+        ));
+    }
+    Ok(())
 }
 
 fn registry() -> Result<Registry> {
@@ -145,10 +267,8 @@ fn registry() -> Result<Registry> {
 
 async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
     let synchronous_full = cli.sqlite_sync == SqliteSync::Full;
-    // The driver's error already names its cause; its source chain repeats it.
-    let store = SqliteStore::open(&SqliteOptions { url: cli.db.clone(), synchronous_full })
-        .await
-        .map_err(|e| anyhow::anyhow!("opening database {}: {e}", cli.db))?;
+    // `describe` names the database in the message.
+    let store = SqliteStore::open(&SqliteOptions { url: cli.db.clone(), synchronous_full }).await?;
     Ok(Arc::new(store))
 }
 
@@ -158,17 +278,26 @@ fn engine(cli: &Cli, store: Arc<dyn Store>, registry: Registry, worker: bool) ->
 }
 
 async fn execute(cli: Cli) -> Result<ExitCode> {
+    let opens_db = matches!(cli.command, Command::Run { .. } | Command::Runs { .. } | Command::Worker { .. });
+    if opens_db && let Err(e) = check_db(&cli.db) {
+        errln!("error: {e}");
+        return Ok(ExitCode::from(EXIT_INVALID));
+    }
     match &cli.command {
         Command::Validate { files } => {
             let registry = registry()?;
             let mut failed = false;
             for file in files {
                 match compile::compile_file(file, &registry) {
-                    Ok(def) => println!("{}: ok ({} steps)", file.display(), def.workflow.step_ids().count()),
+                    Ok(def) => unless_closed(outln!(
+                        "{}: ok ({} steps)",
+                        printable(&file.display().to_string()),
+                        def.workflow.step_ids().count()
+                    ))?,
                     Err(errors) => {
                         failed = true;
                         for e in &errors.0 {
-                            eprintln!("{}", located(file, e));
+                            errln!("{}", printable_lines(&located(file, e)));
                         }
                     }
                 }
@@ -181,7 +310,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 Ok(def) => def,
                 Err(errors) => {
                     for e in &errors.0 {
-                        eprintln!("{}", located(file, e));
+                        errln!("{}", printable_lines(&located(file, e)));
                     }
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
@@ -189,7 +318,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let input = match read_input(input) {
                 Ok(v) => v,
                 Err(e) => {
-                    eprintln!("error: --input: {e:#}");
+                    errln!("error: --input: {}", printable_lines(&format!("{e:#}")));
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
             };
@@ -201,30 +330,36 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             };
             let id = match submitted {
                 Ok(Submitted { id, created: true }) => {
-                    eprintln!("run {id} started ({} v{})", def.workflow.name(), def.workflow.version());
+                    errln!("run {id} started ({} v{})", printable(def.workflow.name()), def.workflow.version());
                     id
                 }
                 Ok(Submitted { id, created: false }) => {
                     eprintln!("run {id} already exists for this idempotency key");
-                    // Continue it here if nobody drives it (its process died);
-                    // a finished or live run is only reported.
-                    let unfinished = engine.store().run(&id).await?.is_some_and(|r| !r.status.is_finished());
-                    if unfinished {
-                        match engine.resume(&id).await {
-                            Ok(()) | Err(EngineError::Conflict(_)) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
+                    // Continue it here if nobody drives it (its process died,
+                    // once that process's lease has expired); a live run is
+                    // waited for, a finished one only reported.
+                    let mut told = None;
+                    engine
+                        .take_over(&id, |until| {
+                            if told != Some(until) {
+                                told = Some(until);
+                                eprintln!(
+                                    "waiting for the lease of the process that holds run {id} (until {})",
+                                    report::format_ms(until)
+                                );
+                            }
+                        })
+                        .await?;
                     id
                 }
                 Err(EngineError::InvalidInput(errors)) => {
                     for e in errors {
-                        eprintln!("{}: {e}", file.display());
+                        errln!("{}: {}", file.display(), printable(&e));
                     }
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
                 Err(e @ EngineError::Conflict(_)) => {
-                    eprintln!("error: {e}");
+                    errln!("error: {}", printable_lines(&e.to_string()));
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
                 Err(e) => return Err(e.into()),
@@ -238,11 +373,11 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
         Command::Worker { exit_when_idle } => {
             let store = open_store(&cli).await?;
             let engine = engine(&cli, store, registry()?, true);
-            eprintln!("worker started (database {})", cli.db);
+            errln!("worker started (database {})", printable(&cli.db));
             loop {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {
-                        eprintln!("stopping: leases released, unfinished runs continue in the next worker");
+                        errln!("stopping: leases released, unfinished runs continue in the next worker");
                         engine.shutdown().await;
                         return Ok(ExitCode::SUCCESS);
                     }
@@ -277,10 +412,12 @@ fn located(file: &std::path::Path, e: &compile::CompileError) -> String {
     }
 }
 
+/// `--input`: JSON text, or `@path` to a JSON file (a regular file under
+/// the size limit). A leading byte-order mark is dropped from either.
 fn read_input(text: &str) -> Result<Value> {
     let text = match text.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
-        None => text.to_owned(),
+        Some(path) => files::read_text(Path::new(path), files::MAX_FILE_BYTES).map_err(anyhow::Error::msg)?,
+        None => files::strip_bom(text.to_owned()),
     };
     serde_json::from_str(&text).context("not valid JSON")
 }
@@ -291,84 +428,106 @@ async fn wait_and_report(engine: &Engine, id: &str) -> Result<ExitCode> {
         r = engine.wait(id) => r?,
         _ = tokio::signal::ctrl_c() => {
             engine.shutdown().await;
-            eprintln!("interrupted; the run is kept. Continue it with: switchyard runs resume {id}");
+            errln!("interrupted; the run is kept. Continue it with: switchyard runs resume {}", printable(id));
             return Ok(ExitCode::from(130));
         }
     };
     print_steps(engine.store(), id).await?;
-    Ok(print_outcome(&outcome))
+    print_outcome(&outcome)
 }
 
 async fn print_steps(store: &Arc<dyn Store>, id: &str) -> Result<()> {
     let journal = store.journal(id).await?;
-    eprint!("{}", report::render(&report::steps(&journal)));
+    write_stderr(format_args!("{}", report::render(&report::steps(&journal))));
     Ok(())
 }
 
-fn print_outcome(outcome: &RunOutcome) -> ExitCode {
+fn print_outcome(outcome: &RunOutcome) -> Result<ExitCode> {
+    let id = printable(&outcome.id);
     match outcome.status {
         RunStatus::Succeeded => {
-            let output = outcome.output.clone().unwrap_or(Value::Null);
-            println!("{}", serde_json::to_string_pretty(&output).expect("JSON prints"));
-            eprintln!("run {} succeeded", outcome.id);
-            ExitCode::SUCCESS
+            let output = outcome.output.as_ref().unwrap_or(&Value::Null);
+            // The run is over: a reader that left does not change that.
+            unless_closed(outln!("{}", report::json_pretty(output)?))?;
+            errln!("run {id} succeeded");
+            Ok(ExitCode::SUCCESS)
         }
         status => {
-            let why = outcome.error.as_ref().map(|e| format!(": {}: {}", e.code, e.message)).unwrap_or_default();
-            eprintln!("run {} {status}{why}", outcome.id);
+            let why = outcome
+                .error
+                .as_ref()
+                .map(|e| format!(": {}: {}", printable(&e.code), printable(&e.message)))
+                .unwrap_or_default();
+            errln!("run {id} {status}{why}");
             if status == RunStatus::Failed {
-                eprintln!("resume it with: switchyard runs resume {}", outcome.id);
+                errln!("resume it with: switchyard runs resume {id}");
             }
-            ExitCode::FAILURE
+            Ok(ExitCode::FAILURE)
         }
     }
 }
 
 async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result<ExitCode> {
     match command {
-        RunsCommand::List { status, limit } => {
+        RunsCommand::List { status, limit, json } => {
             let runs = store.runs(*status, false, *limit).await?;
-            println!("{:<36}  {:<24}  {:<10}  CREATED", "RUN", "WORKFLOW", "STATUS");
-            for r in runs {
-                println!("{:<36}  {:<24}  {:<10}  {}", r.id, r.workflow, r.status, report::format_ms(r.created_at));
+            if *json {
+                let items: Vec<report::RunListItem<'_>> = runs.iter().map(Into::into).collect();
+                outln!("{}", report::json_pretty(&items)?)?;
+                return Ok(ExitCode::SUCCESS);
             }
+            let mut text = String::new();
+            put!(text, "{:<36}  {:<24}  {:<10}  CREATED", "RUN", "WORKFLOW", "STATUS");
+            for r in &runs {
+                let (id, workflow) = (printable(&r.id), printable(&r.workflow));
+                put!(text, "{id:<36}  {workflow:<24}  {:<10}  {}", r.status.as_str(), report::format_ms(r.created_at));
+            }
+            write_stdout(format_args!("{text}"))?;
             Ok(ExitCode::SUCCESS)
         }
-        RunsCommand::Show { run, journal } => {
+        RunsCommand::Show { run, journal, json } => {
             let Some(r) = store.run(run).await? else {
-                eprintln!("error: no run {run:?}");
+                errln!("error: no run \"{}\"", printable(run));
                 return Ok(ExitCode::from(EXIT_INVALID));
             };
-            println!("run:      {}", r.id);
+            let entries = store.journal(run).await?;
+            let steps = report::steps(&entries);
+            let children = store.children(run).await?;
+            if *json {
+                let detail = report::run_detail(&r, &steps, &children, journal.then_some(&entries[..]));
+                outln!("{}", report::json_pretty(&detail)?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut text = String::new();
+            put!(text, "run:      {}", printable(&r.id));
             if let Some(parent) = &r.parent_id {
-                println!("parent:   {parent}");
+                put!(text, "parent:   {}", printable(parent));
             }
-            println!("workflow: {} v{}", r.workflow, r.version);
-            println!("status:   {}", r.status);
-            println!("created:  {}", report::format_ms(r.created_at));
+            put!(text, "workflow: {} v{}", printable(&r.workflow), r.version);
+            put!(text, "status:   {}", r.status);
+            put!(text, "created:  {}", report::format_ms(r.created_at));
             if let Some(at) = r.wake_at.filter(|_| r.status == RunStatus::Waiting) {
-                println!("wakes:    {}", report::format_ms(at));
+                put!(text, "wakes:    {}", report::format_ms(at));
             }
-            println!("input:    {}", r.input);
+            put!(text, "input:    {}", report::json(&r.input)?);
             if let Some(out) = &r.output {
-                println!("output:   {out}");
+                put!(text, "output:   {}", report::json(out)?);
             }
             if let Some(e) = &r.error {
-                println!("error:    {}: {}", e.code, e.message);
+                put!(text, "error:    {}: {}", printable(&e.code), printable(&e.message));
             }
-            let entries = store.journal(run).await?;
-            println!("steps:");
-            print!("{}", report::render(&report::steps(&entries)));
-            let children = store.children(run).await?;
+            put!(text, "steps:");
+            text.push_str(&report::render(&steps));
             if !children.is_empty() {
-                println!("child runs: {}", children.len());
+                put!(text, "child runs: {}", children.len());
             }
             if *journal {
-                println!("journal:");
-                for e in entries {
-                    println!("  {:>4} {} {}", e.seq, report::format_ms(e.at), serde_json::to_string(&e.event)?);
+                put!(text, "journal:");
+                for e in &entries {
+                    put!(text, "  {:>4} {} {}", e.seq, report::format_ms(e.at), report::json(&e.event)?);
                 }
             }
+            write_stdout(format_args!("{text}"))?;
             Ok(ExitCode::SUCCESS)
         }
         RunsCommand::Resume { run } => {
@@ -376,12 +535,12 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             match engine.resume(run).await {
                 Ok(()) => {}
                 Err(e @ (EngineError::NotFound(_) | EngineError::Conflict(_))) => {
-                    eprintln!("error: {e}");
+                    errln!("error: {}", printable_lines(&e.to_string()));
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
                 Err(e) => return Err(e.into()),
             }
-            eprintln!("run {run} resumed");
+            errln!("run {} resumed", printable(run));
             wait_and_report(&engine, run).await
         }
         RunsCommand::Cancel { run } => {
@@ -389,7 +548,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             let result = match engine.cancel(run).await {
                 Ok(r) => r,
                 Err(e @ (EngineError::NotFound(_) | EngineError::Conflict(_))) => {
-                    eprintln!("error: {e}");
+                    errln!("error: {}", printable_lines(&e.to_string()));
                     return Ok(ExitCode::from(EXIT_INVALID));
                 }
                 Err(e) => return Err(e.into()),
@@ -397,12 +556,52 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             engine.shutdown().await;
             match result {
                 Cancelled::Done => println!("run {run} cancelled"),
-                Cancelled::Requested => {
-                    println!("cancellation of run {run} requested; the process running it stops it")
+                Cancelled::Requested { lease_until } => {
+                    let until = lease_until.map(|t| format!(" (its lease runs until {})", report::format_ms(t)));
+                    println!(
+                        "cancellation of run {run} requested: the process holding it{} stops it, or, if that process \
+                         has died, the run ends cancelled when a worker or `runs resume` takes it over",
+                        until.unwrap_or_default()
+                    )
                 }
                 Cancelled::AlreadyFinished(status) => println!("run {run} already {status}"),
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_errors_name_the_database_once() {
+        let db_error = |e: EngineError| describe("/var/sy.db", &anyhow::Error::from(e));
+        assert_eq!(
+            db_error(EngineError::Store(store::Error::Db(sqlx::Error::PoolTimedOut))),
+            "database /var/sy.db: pool timed out while waiting for an open connection"
+        );
+        assert_eq!(
+            db_error(EngineError::Commit(CommitError::Failed("database: disk I/O error".into()))),
+            "database /var/sy.db: journal write failed: disk I/O error"
+        );
+        let store_error = anyhow::Error::from(store::Error::Corrupt("runs.input: bad JSON".into())).context("show");
+        assert_eq!(describe("x.db", &store_error), "database x.db: stored data is invalid: runs.input: bad JSON");
+        let other = anyhow::Error::from(EngineError::NotFound("r1".into()));
+        assert_eq!(describe("x.db", &other), "no run \"r1\"");
+    }
+
+    #[test]
+    fn empty_and_in_memory_databases_are_refused() {
+        for db in
+            ["", " ", "sqlite:", "sqlite://", "sqlite://?mode=rwc", ":memory:", "sqlite::memory:", "file::memory:"]
+        {
+            assert!(check_db(db).is_err(), "{db:?}");
+        }
+        assert!(check_db("sqlite://a.db?mode=memory&cache=shared").unwrap_err().contains("in-memory"));
+        for db in ["switchyard.db", "/tmp/x/sy.db", "sqlite://sy.db", "sqlite:///abs/sy.db?mode=rwc"] {
+            assert!(check_db(db).is_ok(), "{db:?}");
         }
     }
 }

@@ -10,7 +10,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use switchyard_steps::Registry;
 
+use fixedbitset::FixedBitSet;
+
 use crate::expr::{Refs, Templates, ValueTemplate};
+use crate::files;
 use crate::spec::{self, Spec, StepSpec};
 use crate::workflow::{Bundle, Definition, Need, RetryPolicy, Step, StepKind, Workflow};
 
@@ -56,15 +59,30 @@ pub trait Loader {
     fn load(&self, key: &str) -> Result<String, String>;
 }
 
-/// Reads files relative to a folder.
+/// Reads files inside one folder: the root workflow's (the bundle). A key
+/// is a relative path (see [`join_key`]); after symlinks are resolved the
+/// file must still be inside the folder, a regular file, and at most
+/// [`files::MAX_FILE_BYTES`].
 pub struct FsLoader {
+    /// Canonical: symlinks resolved.
     base: PathBuf,
+}
+
+impl FsLoader {
+    pub fn new(base: &Path) -> Result<Self, String> {
+        let base = base.canonicalize().map_err(|e| format!("cannot open folder {}: {e}", base.display()))?;
+        Ok(Self { base })
+    }
 }
 
 impl Loader for FsLoader {
     fn load(&self, key: &str) -> Result<String, String> {
         let path = self.base.join(key);
-        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        let real = path.canonicalize().map_err(|_| format!("cannot read {key}: no such file"))?;
+        if !real.starts_with(&self.base) {
+            return Err(format!("{key} resolves (through a link) to a file outside the workflow's folder"));
+        }
+        files::read_text(&real, files::MAX_FILE_BYTES).map_err(|e| e.replace(&real.display().to_string(), key))
     }
 }
 
@@ -74,11 +92,20 @@ impl Loader for Bundle {
     }
 }
 
-/// Compiles a workflow file and the files it calls.
+/// Compiles a workflow file and the files it calls, which must be inside
+/// the root file's folder.
 pub fn compile_file(path: &Path, registry: &Registry) -> Result<Definition, CompileErrors> {
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let root = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string());
-    compile_from(&root, &FsLoader { base }, registry)
+    let fail =
+        |message: String| CompileErrors(vec![CompileError { file: String::new(), place: String::new(), message }]);
+    let shown = path.display();
+    // The root file may itself be a link; its real folder is the bundle.
+    let real = path.canonicalize().map_err(|_| fail(format!("cannot read {shown}: no such file")))?;
+    let (Some(base), Some(name)) = (real.parent(), real.file_name()) else {
+        return Err(fail(format!("cannot read {shown}: not a file")));
+    };
+    let root = name.to_string_lossy().into_owned();
+    let loader = FsLoader::new(base).map_err(fail)?;
+    compile_from(&root, &loader, registry)
 }
 
 /// Compiles a stored bundle (used when resuming runs).
@@ -172,7 +199,9 @@ struct CallConfig {
 /// What a place may read in templates.
 struct Scope<'s> {
     /// Steps that may be referenced (`None`: any step of the workflow).
-    upstream: Option<&'s BTreeSet<usize>>,
+    upstream: Option<&'s FixedBitSet>,
+    /// Step ids to indexes.
+    index: &'s HashMap<&'s str, usize>,
     extra: &'s [&'s str],
 }
 
@@ -182,8 +211,17 @@ fn valid_id(id: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// `dir/a.yaml` + `../b.yaml` -> `b.yaml`, lexically.
-fn join_key(from: &str, rel: &str) -> String {
+/// The key of the file `rel` names from the file `from`, both relative to
+/// the bundle's folder: `dir/a.yaml` + `../b.yaml` -> `b.yaml`. A path that
+/// is absolute or leaves the folder is refused, never rewritten.
+fn join_key(from: &str, rel: &str) -> Result<String, String> {
+    let outside = || format!("{rel:?} leaves the workflow's folder; called files must be inside it");
+    if rel.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if Path::new(rel).is_absolute() || rel.starts_with(['/', '\\']) {
+        return Err(format!("{rel:?} is absolute; give a path relative to the workflow file, inside its folder"));
+    }
     let mut parts: Vec<String> = Path::new(from)
         .parent()
         .map(|p| p.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect())
@@ -191,17 +229,37 @@ fn join_key(from: &str, rel: &str) -> String {
     for c in Path::new(rel).components() {
         match c {
             Component::ParentDir => {
-                if parts.last().is_some_and(|p| p != "..") {
-                    parts.pop();
-                } else {
-                    parts.push("..".into());
+                if parts.pop().is_none() {
+                    return Err(outside());
                 }
             }
             Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
-            _ => {}
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return Err(outside()),
         }
     }
-    parts.join("/")
+    Ok(parts.join("/"))
+}
+
+/// Parse errors of a called file must not quote it: the file may not be a
+/// workflow at all (a `.env` named by mistake or by an attacker). Quoted
+/// values in the message are elided; line and column stay.
+fn without_quotes(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        if c == '"' {
+            if quoted {
+                out.push_str("…\"");
+            } else {
+                out.push('"');
+            }
+            quoted = !quoted;
+        } else if !quoted {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl Compiler<'_> {
@@ -230,6 +288,7 @@ impl Compiler<'_> {
         let spec = match spec::parse(&source, key.ends_with(".json")) {
             Ok(spec) => spec,
             Err(e) => {
+                let e = if self.stack.is_empty() { e } else { without_quotes(&e) };
                 self.error(key, "", e);
                 return None;
             }
@@ -286,15 +345,31 @@ impl Compiler<'_> {
             }
         }
 
-        // Switch paths, needed to check `needs: [route.path]`.
-        let mut switch_paths: HashMap<usize, BTreeSet<String>> = HashMap::new();
+        // Paths of the steps that choose one (a `switch`, or a kind whose
+        // `Step::paths` declares them), to check `needs: [route.path]`.
+        // Steps whose config does not parse are left out: that is reported
+        // on its own.
+        let mut chosen_paths: HashMap<usize, BTreeSet<String>> = HashMap::new();
+        let mut unparsed = BTreeSet::new();
         for (i, s) in spec.steps.iter().enumerate() {
-            if s.kind == "switch"
-                && let Some(Ok(cfg)) = s.with.clone().map(serde_json::from_value::<SwitchConfig>)
-            {
-                let mut paths: BTreeSet<String> = cfg.cases.into_iter().map(|c| c.path).collect();
-                paths.extend(cfg.default);
-                switch_paths.insert(i, paths);
+            let with = s.with.clone().unwrap_or(Value::Object(Default::default()));
+            if s.kind == "switch" {
+                match serde_json::from_value::<SwitchConfig>(with) {
+                    Ok(cfg) => {
+                        let mut paths: BTreeSet<String> = cfg.cases.into_iter().map(|c| c.path).collect();
+                        paths.extend(cfg.default);
+                        chosen_paths.insert(i, paths);
+                    }
+                    Err(_) => {
+                        unparsed.insert(i);
+                    }
+                }
+            } else if let Some(step) = self.registry.get(&s.kind) {
+                if !step.check(&with).is_empty() {
+                    unparsed.insert(i);
+                } else if let Some(paths) = step.paths(&with) {
+                    chosen_paths.insert(i, paths.into_iter().collect());
+                }
             }
         }
 
@@ -318,16 +393,22 @@ impl Compiler<'_> {
                     continue;
                 }
                 if let Some(p) = &path {
-                    match switch_paths.get(&n) {
+                    match chosen_paths.get(&n) {
                         Some(paths) if paths.contains(p) => {}
                         Some(paths) => {
                             let known = paths.iter().cloned().collect::<Vec<_>>().join(", ");
-                            self.error(file, place, format!("switch {id:?} has no path {p:?} (paths: {known})"));
+                            let kind = &spec.steps[n].kind;
+                            self.error(file, place, format!("{kind} {id:?} has no path {p:?} (paths: {known})"));
                             continue;
                         }
-                        None if spec.steps[n].kind == "switch" => continue,
+                        None if unparsed.contains(&n) => continue,
                         None => {
-                            self.error(file, place, format!("{id:?} is not a switch, so `{need}` names no path"));
+                            let kind = &spec.steps[n].kind;
+                            self.error(
+                                file,
+                                place,
+                                format!("{id:?} ({kind}) does not choose a path, so `{need}` names none"),
+                            );
                             continue;
                         }
                     }
@@ -354,13 +435,16 @@ impl Compiler<'_> {
                 Vec::new()
             }
         };
-        // Transitive upstream sets, in topological order.
-        let mut upstream: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); spec.steps.len()];
+        // Transitive upstream sets, in topological order, as bit sets: n²/8
+        // bytes, so even a 10,000-step chain takes 12 MB, not gigabytes.
+        let n = spec.steps.len();
+        let mut upstream: Vec<FixedBitSet> = Vec::with_capacity(n);
+        upstream.resize_with(n, || FixedBitSet::with_capacity(0));
         for &i in &order {
-            let mut set = BTreeSet::new();
-            for n in &needs[i] {
-                set.insert(n.step);
-                set.extend(upstream[n.step].iter().copied());
+            let mut set = FixedBitSet::with_capacity(n);
+            for need in &needs[i] {
+                set.insert(need.step);
+                set.union_with(&upstream[need.step]);
             }
             upstream[i] = set;
         }
@@ -369,7 +453,7 @@ impl Compiler<'_> {
         let mut steps = Vec::with_capacity(spec.steps.len());
         for (i, s) in spec.steps.iter().enumerate() {
             let place = format!("{prefix}steps[{i}]");
-            let scope = Scope { upstream: Some(&upstream[i]), extra: &[] };
+            let scope = Scope { upstream: Some(&upstream[i]), index: &index, extra: &[] };
             let when = s.when.as_deref().and_then(|w| match templates.expr(w) {
                 Ok((e, refs)) => {
                     self.check_refs(file, &format!("{place}.when"), &refs, &scope, &spec.steps, i);
@@ -394,6 +478,8 @@ impl Compiler<'_> {
                     id: s.id.clone(),
                     kind,
                     needs: needs[i].clone(),
+                    upstream: std::mem::take(&mut upstream[i]),
+                    paths: chosen_paths.remove(&i),
                     dependents: Vec::new(),
                     join: s.join,
                     when,
@@ -404,7 +490,7 @@ impl Compiler<'_> {
             }
         }
         let output = spec.output.as_ref().and_then(|o| {
-            let scope = Scope { upstream: None, extra: &[] };
+            let scope = Scope { upstream: None, index: &index, extra: &[] };
             self.value(file, &format!("{prefix}output"), o, &scope, &mut templates, &spec.steps, usize::MAX)
         });
 
@@ -422,6 +508,7 @@ impl Compiler<'_> {
             description: spec.description,
             input_schema,
             concurrency: spec.concurrency,
+            index: steps.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect(),
             steps,
             order,
             output,
@@ -497,7 +584,7 @@ impl Compiler<'_> {
                     self.error(file, format!("{with_place}.concurrency"), "must be between 1 and 10000");
                 }
                 let items = self.value(file, &format!("{with_place}.items"), &cfg.items, scope, templates, all, me)?;
-                let item_scope = Scope { upstream: scope.upstream, extra: &["item", "index"] };
+                let item_scope = Scope { upstream: scope.upstream, index: scope.index, extra: &["item", "index"] };
                 let input = match &cfg.input {
                     Some(v) => {
                         Some(self.value(file, &format!("{with_place}.input"), v, &item_scope, templates, all, me)?)
@@ -526,8 +613,14 @@ impl Compiler<'_> {
                                 "`output` goes with inline `steps`; a called workflow has its own",
                             );
                         }
-                        let key = join_key(file, &path);
-                        self.file(&key, &format!("{with_place}.workflow"), file)
+                        let place = format!("{with_place}.workflow");
+                        match join_key(file, &path) {
+                            Ok(key) => self.file(&key, &place, file),
+                            Err(m) => {
+                                self.error(file, place, m);
+                                None
+                            }
+                        }
                     }
                     _ => {
                         self.error(file, &with_place, "set exactly one of `steps` (inline) or `workflow` (a file)");
@@ -547,8 +640,15 @@ impl Compiler<'_> {
                     all,
                     me,
                 )?;
-                let key = join_key(file, &cfg.path);
-                let child = self.file(&key, &format!("{with_place}.path"), file)?;
+                let place = format!("{with_place}.path");
+                let key = match join_key(file, &cfg.path) {
+                    Ok(key) => key,
+                    Err(m) => {
+                        self.error(file, place, m);
+                        return None;
+                    }
+                };
+                let child = self.file(&key, &place, file)?;
                 Some(StepKind::Call { child, input })
             }
             kind => {
@@ -620,9 +720,9 @@ impl Compiler<'_> {
                 "input" | "run" => {}
                 "steps" => {
                     let Some(id) = parts.next() else { continue };
-                    match all.iter().position(|s| s.id == id) {
+                    match scope.index.get(id).copied() {
                         None => self.error(file, place, format!("unknown step {id:?} in `{r}`")),
-                        Some(i) if scope.upstream.is_some_and(|up| !up.contains(&i)) => {
+                        Some(i) if scope.upstream.is_some_and(|up| !up.contains(i)) => {
                             let me_id = all.get(me).map(|s| s.id.as_str()).unwrap_or("?");
                             self.error(
                                 file,

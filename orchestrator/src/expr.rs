@@ -4,7 +4,12 @@
 //! compile time. Values from inputs and step outputs are passed as data in the
 //! context and are never rendered as templates. The environment has no loader,
 //! no file or network access, and a fuel limit so that no expression can loop
-//! for long.
+//! for long. There is no `include`, `import` or `extends` (the feature is not
+//! built), no `debug()` and no `namespace()` (the only way to accumulate a
+//! value across loop iterations, and so to build one deep enough to overflow
+//! the stack). A result becomes JSON through [`to_json`], which refuses values
+//! deeper or larger than [`limits`](crate::limits) allow, so a lazily repeated
+//! list (`[0] * 100000000`) fails instead of filling memory.
 //!
 //! A *value template* is any JSON value whose strings may contain template
 //! syntax. A string that is exactly one `{{ expression }}` evaluates to the
@@ -17,11 +22,13 @@ use std::sync::Arc;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value as MjValue};
 use serde_json::Value;
 
+use crate::limits;
+
 /// Instructions one evaluation may spend before it is stopped.
 const FUEL: u64 = 200_000;
 
 /// Names a template may read besides the ones the compiler allows per place.
-const GLOBALS: [&str; 4] = ["range", "dict", "namespace", "debug"];
+const GLOBALS: [&str; 2] = ["range", "dict"];
 
 /// Owns the parsed templates of one workflow.
 pub struct Templates {
@@ -41,6 +48,8 @@ impl Default for Templates {
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_fuel(Some(FUEL));
         env.set_recursion_limit(64);
+        env.remove_global("debug");
+        env.remove_global("namespace");
         Self { env }
     }
 }
@@ -202,12 +211,78 @@ pub fn from_json(value: &Value) -> MjValue {
     MjValue::from(minijinja::value::Serde(value))
 }
 
-/// Template value -> JSON. Undefined becomes an error, `none` null.
+/// Template value -> JSON. Undefined becomes an error, `none` null. Refuses
+/// values nested deeper than [`limits::MAX_DEPTH`] or larger than
+/// [`limits::MAX_VALUE_BYTES`], before building them.
 pub fn to_json(value: &MjValue) -> Result<Value, String> {
-    if value.is_undefined() {
-        return Err("value is undefined".into());
+    let mut budget = limits::MAX_VALUE_BYTES;
+    convert(value, 0, &mut budget)
+}
+
+fn convert(value: &MjValue, depth: usize, budget: &mut usize) -> Result<Value, String> {
+    use minijinja::value::ValueKind;
+    if depth > limits::MAX_DEPTH {
+        return Err(format!("value is nested more than {} levels deep", limits::MAX_DEPTH));
     }
-    serde_json::to_value(value).map_err(|e| e.to_string())
+    fn spend(budget: &mut usize, n: usize) -> Result<(), String> {
+        *budget =
+            budget.checked_sub(n).ok_or_else(|| format!("value is larger than {} bytes", limits::MAX_VALUE_BYTES))?;
+        Ok(())
+    }
+    spend(budget, 8)?;
+    Ok(match value.kind() {
+        ValueKind::Undefined => return Err("value is undefined".into()),
+        ValueKind::None => Value::Null,
+        ValueKind::Bool => Value::Bool(value.is_true()),
+        ValueKind::Number => number(value)?,
+        ValueKind::String => {
+            let s = value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+            spend(budget, s.len())?;
+            Value::String(s)
+        }
+        ValueKind::Bytes => {
+            let s = String::from_utf8_lossy(value.as_bytes().unwrap_or_default()).into_owned();
+            spend(budget, s.len())?;
+            Value::String(s)
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let mut items = Vec::new();
+            for item in value.try_iter().map_err(|e| describe(&e))? {
+                items.push(convert(&item, depth + 1, budget)?);
+            }
+            Value::Array(items)
+        }
+        ValueKind::Map => {
+            let mut map = serde_json::Map::new();
+            for key in value.try_iter().map_err(|e| describe(&e))? {
+                let item = value.get_item(&key).map_err(|e| describe(&e))?;
+                let key = key.as_str().map(str::to_owned).unwrap_or_else(|| key.to_string());
+                spend(budget, key.len())?;
+                map.insert(key, convert(&item, depth + 1, budget)?);
+            }
+            Value::Object(map)
+        }
+        ValueKind::Plain => {
+            let s = value.to_string();
+            spend(budget, s.len())?;
+            Value::String(s)
+        }
+        ValueKind::Invalid => return Err(value.to_string()),
+        _ => return Err(format!("a {} cannot be turned into JSON", value.kind())),
+    })
+}
+
+fn number(value: &MjValue) -> Result<Value, String> {
+    if value.is_integer() {
+        if let Ok(i) = i64::try_from(value.clone()) {
+            return Ok(Value::from(i));
+        }
+        if let Ok(u) = u64::try_from(value.clone()) {
+            return Ok(Value::from(u));
+        }
+    }
+    let f = f64::try_from(value.clone()).map_err(|e| describe(&e))?;
+    serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("{f} is not a JSON number"))
 }
 
 #[cfg(test)]
@@ -254,6 +329,43 @@ mod tests {
             .value("loop", &json!("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}"))
             .unwrap();
         assert!(t.render(&tpl, &ctx()).unwrap_err().0.contains("fuel"));
+    }
+
+    #[test]
+    fn hostile_templates_fail_as_errors_not_crashes() {
+        let mut t = Templates::default();
+        // Deep values need namespace(), which is gone.
+        let deep =
+            "{% set ns = namespace(x=1) %}{% for i in range(10000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}";
+        let (tpl, _) = t.value("deep", &json!(deep)).unwrap();
+        assert!(t.render(&tpl, &ctx()).is_err());
+        // A loop cannot carry a value from one iteration to the next.
+        let carried = "{% set x = 1 %}{% for i in range(10000) %}{% set x = [x] %}{% endfor %}{{ x }}";
+        let (tpl, _) = t.value("carried", &json!(carried)).unwrap();
+        assert_eq!(t.render(&tpl, &ctx()).unwrap(), json!("1"));
+        // A lazily repeated list is refused before it is built.
+        let (e, _) = t.expr("[0] * 100000000").unwrap();
+        assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("larger than"));
+        let (e, _) = t.expr("'x' * 100000000").unwrap();
+        assert!(t.eval(&e, &ctx()).is_err());
+        // No debug(), no include.
+        let (e, _) = t.expr("debug()").unwrap();
+        assert!(t.eval(&e, &ctx()).is_err());
+        assert!(t.value("inc", &json!("{% include 'deep' %}")).is_err());
+        assert!(t.value("imp", &json!("{% import 'deep' as d %}")).is_err());
+        // Depth is bounded on the way out too.
+        let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
+        let (e, _) = t.expr(&nested).unwrap();
+        assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("levels deep"));
+    }
+
+    #[test]
+    fn numbers_keep_their_json_type() {
+        let t = Templates::default();
+        for (src, want) in [("2", json!(2)), ("2.5", json!(2.5)), ("2.0", json!(2.0)), ("-3", json!(-3))] {
+            let (e, _) = t.expr(src).unwrap();
+            assert_eq!(t.eval(&e, &ctx()).unwrap(), want, "{src}");
+        }
     }
 
     #[test]

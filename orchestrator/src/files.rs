@@ -24,9 +24,7 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String, String> {
     // The file may have changed between the check and the open: read at most
     // one byte past the limit and check again.
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {shown}: {}", io_reason(&e)))?;
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {shown}: {}", io_reason(&e)))?;
     if bytes.len() as u64 > limit {
         return Err(format!("cannot read {shown}: more than the limit of {limit} bytes"));
     }

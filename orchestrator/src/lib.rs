@@ -16,6 +16,7 @@ pub mod engine;
 pub mod expr;
 pub mod files;
 pub mod journal;
+pub mod limits;
 pub mod report;
 pub mod spec;
 pub mod store;

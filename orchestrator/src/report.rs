@@ -1,31 +1,48 @@
-//! Human summaries of runs, derived from the journal.
+//! Human summaries of runs, derived from the journal, and the text that is
+//! safe to print: run data (error messages, notes, workflow names, inputs
+//! and outputs) goes through [`printable`] or [`json`] before it reaches a
+//! terminal, so it cannot clear the screen or fake a status line.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use serde::Serialize;
+use serde_json::Value;
 use switchyard_steps::StepError;
 
-use crate::journal::Event;
-use crate::store::JournalEntry;
+use crate::journal::{Event, RunStatus};
+use crate::store::{JournalEntry, RunRecord};
 
 /// What happened to one step, folded from the journal.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepSummary {
     pub id: String,
     pub status: String,
     pub attempts: u32,
+    /// When the first attempt started and the last one ended (unix ms).
     pub started_at: Option<i64>,
     pub ended_at: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The time the step's attempts took, summed (see [`steps`]); `None`
+    /// until an attempt ends.
+    pub duration_ms: Option<i64>,
     pub error: Option<StepError>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
 }
 
 /// Steps in the order they first appear in the journal.
+///
+/// A step's duration is the sum, over its attempts, of the time from the
+/// attempt's `step_started` to its `step_succeeded` or `step_failed`. An
+/// attempt that never ended (its process died) counts zero, so the time the
+/// process was down is not counted, nor is the backoff between attempts. An
+/// attempt that suspended (a `sleep`) is measured from its start to its end,
+/// so its wait is counted.
 pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
     let mut order: Vec<String> = Vec::new();
     let mut by_id: BTreeMap<String, StepSummary> = BTreeMap::new();
+    // When each step's current attempt started, while it has not ended.
+    let mut open: BTreeMap<String, i64> = BTreeMap::new();
     fn entry<'m>(
         by_id: &'m mut BTreeMap<String, StepSummary>,
         order: &mut Vec<String>,
@@ -36,6 +53,13 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
             StepSummary { id: id.to_owned(), ..Default::default() }
         })
     }
+    fn end(s: &mut StepSummary, open: &mut BTreeMap<String, i64>, at: i64) {
+        s.ended_at = Some(at);
+        if let Some(start) = open.remove(&s.id) {
+            let took = at.saturating_sub(start).max(0);
+            s.duration_ms = Some(s.duration_ms.unwrap_or(0).saturating_add(took));
+        }
+    }
     for e in journal {
         match &e.event {
             Event::StepStarted { step, attempt } => {
@@ -43,22 +67,24 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
                 s.status = "running".into();
                 s.attempts = *attempt;
                 s.started_at.get_or_insert(e.at);
+                // An earlier attempt still open was interrupted: it counts 0.
+                open.insert(step.clone(), e.at);
             }
             Event::StepSucceeded { step, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
                 s.status = "succeeded".into();
-                s.ended_at = Some(e.at);
                 s.error = None;
+                end(s, &mut open, e.at);
             }
             Event::StepFailed { step, error, retry_at, continued, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
                 s.error = Some(error.clone());
-                s.ended_at = Some(e.at);
                 s.status = match (retry_at, continued) {
                     (Some(_), _) => "retrying".into(),
                     (None, true) => "failed (continued)".into(),
                     (None, false) => "failed".into(),
                 };
+                end(s, &mut open, e.at);
             }
             Event::StepSuspended { step, until, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
@@ -76,32 +102,381 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
     order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
 }
 
-/// Unix milliseconds as RFC 3339 (UTC).
+/// Unix milliseconds as RFC 3339 text in UTC, `2025-01-31T08:00:00.000Z`.
+/// Total: a year past 9999 is written with a sign (`+10000-01-01T...`, as
+/// ISO 8601 extends it) and so is a year before 0000.
 pub fn format_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    const DAY: i64 = 86_400_000;
+    let (days, rest) = (ms.div_euclid(DAY), ms.rem_euclid(DAY));
+    let (year, month, day) = civil_from_days(days);
+    let (h, m, s, milli) = (rest / 3_600_000, rest / 60_000 % 60, rest / 1000 % 60, rest % 1000);
+    let year = match year {
+        0..=9999 => format!("{year:04}"),
+        10_000.. => format!("+{year}"),
+        _ => format!("-{:04}", year.unsigned_abs()),
+    };
+    format!("{year}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`). No overflow for any day an `i64` of
+/// milliseconds can name.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March first
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = (if mp < 10 { mp + 3 } else { mp - 9 }) as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// `text` as one line that cannot steer a terminal: control characters (C0
+/// including newline and tab, DEL, C1) and bidirectional overrides
+/// (U+202A-U+202E, U+2066-U+2069) are written as escapes (`\n`, `\t`, `\r`,
+/// `\u{1b}`); everything else is kept as it is.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    escape(text, false)
+}
+
+/// [`printable`] for text of several lines: newlines are kept.
+pub fn printable_lines(text: &str) -> Cow<'_, str> {
+    escape(text, true)
+}
+
+fn escape(text: &str, keep_newlines: bool) -> Cow<'_, str> {
+    let escaped = |c: char| unsafe_char(c) && !(keep_newlines && c == '\n');
+    if !text.chars().any(escaped) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            c if !escaped(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Characters a terminal may act on: C0, DEL, C1 and bidi overrides.
+fn unsafe_char(c: char) -> bool {
+    c.is_control() || is_bidi_override(c)
+}
+
+fn is_bidi_override(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Compact JSON text of `value` that is safe on a terminal: serde_json
+/// escapes C0 controls; DEL, C1 controls and bidi overrides, which it leaves
+/// raw, are written as `\uXXXX` too. The text parses back to the same value.
+pub fn json<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    serde_json::to_string(value).map(escape_json)
+}
+
+/// [`json`], indented.
+pub fn json_pretty<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+    serde_json::to_string_pretty(value).map(escape_json)
+}
+
+/// Outside strings, serialized JSON is ASCII without controls other than
+/// its layout whitespace, so every character matched here is inside a
+/// string, where `\uXXXX` stands for it. All of them are in the BMP.
+fn escape_json(text: String) -> String {
+    let escaped = |c: char| c == '\u{7f}' || ('\u{80}'..='\u{9f}').contains(&c) || is_bidi_override(c);
+    if !text.chars().any(escaped) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escaped(c) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One line per step, for terminals.
 pub fn render(steps: &[StepSummary]) -> String {
-    let width = steps.iter().map(|s| s.id.len()).max().unwrap_or(4).max(4);
+    let ids: Vec<Cow<'_, str>> = steps.iter().map(|s| printable(&s.id)).collect();
+    let width = ids.iter().map(|id| id.chars().count()).max().unwrap_or(4).max(4);
     let mut out = String::new();
-    for s in steps {
-        let took = match (s.started_at, s.ended_at) {
-            (Some(a), Some(b)) => format!("{} ms", b - a),
-            _ => String::new(),
-        };
+    for (s, id) in steps.iter().zip(&ids) {
+        let took = s.duration_ms.map(|ms| format!("{ms} ms")).unwrap_or_default();
         let attempts = match s.attempts {
             0 => String::new(),
             1 => "1 attempt".into(),
             n => format!("{n} attempts"),
         };
         let detail = match (&s.error, &s.note) {
-            (Some(e), _) => format!("  {}: {}", e.code, e.message),
-            (None, Some(n)) => format!("  ({n})"),
+            (Some(e), _) => format!("  {}: {}", printable(&e.code), printable(&e.message)),
+            (None, Some(n)) => format!("  ({})", printable(n)),
             _ => String::new(),
         };
-        out.push_str(&format!("  {:<width$}  {:<18} {:<11} {:>8}{detail}\n", s.id, s.status, attempts, took));
+        let status = printable(&s.status);
+        let _ = writeln!(out, "  {id:<width$}  {status:<18} {attempts:<11} {took:>8}{detail}");
     }
     out
+}
+
+// Machine output: `runs list --json` and `runs show --json`. Field names are
+// a contract (documented in README.md). Every time is given twice: `<name>`
+// as text (see [`format_ms`]) and `<name>_ms` as unix milliseconds; both are
+// `null` when absent.
+
+/// One element of `runs list --json`.
+#[derive(Debug, Serialize)]
+pub struct RunListItem<'a> {
+    pub id: &'a str,
+    pub workflow: &'a str,
+    pub version: u32,
+    pub status: RunStatus,
+    pub created_at: String,
+    pub created_at_ms: i64,
+    pub updated_at: String,
+    pub updated_at_ms: i64,
+    pub finished_at: Option<String>,
+    pub finished_at_ms: Option<i64>,
+}
+
+impl<'a> From<&'a RunRecord> for RunListItem<'a> {
+    fn from(r: &'a RunRecord) -> Self {
+        RunListItem {
+            id: &r.id,
+            workflow: &r.workflow,
+            version: r.version,
+            status: r.status,
+            created_at: format_ms(r.created_at),
+            created_at_ms: r.created_at,
+            updated_at: format_ms(r.updated_at),
+            updated_at_ms: r.updated_at,
+            finished_at: r.finished_at.map(format_ms),
+            finished_at_ms: r.finished_at,
+        }
+    }
+}
+
+/// `runs show --json`.
+#[derive(Debug, Serialize)]
+pub struct RunDetail<'a> {
+    pub id: &'a str,
+    pub parent_id: Option<&'a str>,
+    pub root_id: &'a str,
+    pub workflow: &'a str,
+    pub version: u32,
+    pub status: RunStatus,
+    pub input: &'a Value,
+    pub output: Option<&'a Value>,
+    pub error: Option<&'a StepError>,
+    pub cancel_requested: bool,
+    pub created_at: String,
+    pub created_at_ms: i64,
+    pub updated_at: String,
+    pub updated_at_ms: i64,
+    pub finished_at: Option<String>,
+    pub finished_at_ms: Option<i64>,
+    /// When a `waiting` run wakes; `null` for any other status.
+    pub wake_at: Option<String>,
+    pub wake_at_ms: Option<i64>,
+    pub steps: Vec<StepDetail<'a>>,
+    pub children: Vec<ChildItem<'a>>,
+    /// Only with `--journal`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<Vec<JournalItem<'a>>>,
+}
+
+/// One step of [`RunDetail`].
+#[derive(Debug, Serialize)]
+pub struct StepDetail<'a> {
+    pub id: &'a str,
+    pub status: &'a str,
+    pub attempts: u32,
+    pub duration_ms: Option<i64>,
+    pub started_at: Option<String>,
+    pub started_at_ms: Option<i64>,
+    pub ended_at: Option<String>,
+    pub ended_at_ms: Option<i64>,
+    pub error: Option<&'a StepError>,
+    pub note: Option<&'a str>,
+}
+
+/// One child run of [`RunDetail`].
+#[derive(Debug, Serialize)]
+pub struct ChildItem<'a> {
+    pub id: &'a str,
+    pub workflow: &'a str,
+    pub status: RunStatus,
+}
+
+/// One journal entry of [`RunDetail`]: the event as it is stored.
+#[derive(Debug, Serialize)]
+pub struct JournalItem<'a> {
+    pub seq: i64,
+    pub at: String,
+    pub at_ms: i64,
+    pub event: &'a Event,
+}
+
+/// The `runs show --json` object of run `r`.
+pub fn run_detail<'a>(
+    r: &'a RunRecord,
+    steps: &'a [StepSummary],
+    children: &'a [RunRecord],
+    journal: Option<&'a [JournalEntry]>,
+) -> RunDetail<'a> {
+    let wake_at = r.wake_at.filter(|_| r.status == RunStatus::Waiting);
+    RunDetail {
+        id: &r.id,
+        parent_id: r.parent_id.as_deref(),
+        root_id: &r.root_id,
+        workflow: &r.workflow,
+        version: r.version,
+        status: r.status,
+        input: &r.input,
+        output: r.output.as_ref(),
+        error: r.error.as_ref(),
+        cancel_requested: r.cancel_requested,
+        created_at: format_ms(r.created_at),
+        created_at_ms: r.created_at,
+        updated_at: format_ms(r.updated_at),
+        updated_at_ms: r.updated_at,
+        finished_at: r.finished_at.map(format_ms),
+        finished_at_ms: r.finished_at,
+        wake_at: wake_at.map(format_ms),
+        wake_at_ms: wake_at,
+        steps: steps
+            .iter()
+            .map(|s| StepDetail {
+                id: &s.id,
+                status: &s.status,
+                attempts: s.attempts,
+                duration_ms: s.duration_ms,
+                started_at: s.started_at.map(format_ms),
+                started_at_ms: s.started_at,
+                ended_at: s.ended_at.map(format_ms),
+                ended_at_ms: s.ended_at,
+                error: s.error.as_ref(),
+                note: s.note.as_deref(),
+            })
+            .collect(),
+        children: children.iter().map(|c| ChildItem { id: &c.id, workflow: &c.workflow, status: c.status }).collect(),
+        journal: journal.map(|entries| {
+            entries
+                .iter()
+                .map(|e| JournalItem { seq: e.seq, at: format_ms(e.at), at_ms: e.at, event: &e.event })
+                .collect()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn format_ms_is_total() {
+        let rfc = |ms: u64| {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+        };
+        for ms in [0, 1, 999, 86_399_999, 951_782_400_000, 1_700_000_000_123, 4_107_542_400_000, 253_402_300_799_999] {
+            assert_eq!(format_ms(ms as i64), rfc(ms), "{ms}");
+        }
+        assert_eq!(format_ms(253_402_300_800_000), "+10000-01-01T00:00:00.000Z");
+        assert_eq!(format_ms(i64::MAX), "+292278994-08-17T07:12:55.807Z");
+        assert_eq!(format_ms(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(format_ms(-62_167_219_200_001), "-0001-12-31T23:59:59.999Z");
+        assert!(format_ms(i64::MIN).starts_with("-292275055-"), "{}", format_ms(i64::MIN));
+        // `sleep: {duration: 8000y}` parks a run this far ahead.
+        assert!(format_ms(1_700_000_000_000 + 8000 * 31_557_600_000).starts_with("+1002"));
+    }
+
+    #[test]
+    fn printable_escapes_what_a_terminal_acts_on() {
+        assert!(matches!(printable("plain text, ünïcode ✓"), Cow::Borrowed(_)));
+        assert_eq!(printable("a\u{1b}[2Jb\u{9b}c\u{7f}"), "a\\u{1b}[2Jb\\u{9b}c\\u{7f}");
+        assert_eq!(printable("x\ny\tz\r"), "x\\ny\\tz\\r");
+        assert_eq!(printable("\u{202e}evil\u{2066}"), "\\u{202e}evil\\u{2066}");
+        assert_eq!(printable_lines("one\n\u{1b}two"), "one\n\\u{1b}two");
+    }
+
+    #[test]
+    fn json_escapes_c1_and_bidi_and_stays_the_same_value() {
+        let value = json!({"m": "a\u{1b}b\u{9b}c\u{202e}d\u{7f}\u{85}", "k\u{9b}": [1, "ok"]});
+        for text in [json(&value).unwrap(), json_pretty(&value).unwrap()] {
+            assert!(!text.chars().any(|c| c.is_control() && c != '\n') && !text.contains('\u{202e}'), "{text}");
+            assert!(text.contains("\\u009b") && text.contains("\\u202e") && text.contains("\\u001b"), "{text}");
+            assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), value);
+        }
+    }
+
+    fn at(at: i64, event: Event) -> JournalEntry {
+        JournalEntry { seq: 0, at, event }
+    }
+
+    fn started(step: &str, attempt: u32) -> Event {
+        Event::StepStarted { step: step.into(), attempt }
+    }
+
+    #[test]
+    fn duration_sums_attempts_and_leaves_out_the_time_the_process_was_down() {
+        let hour = 3_600_000;
+        let error = StepError::retryable("http_503", "unavailable");
+        let journal = [
+            // `crashed`: attempt 1 was in flight when the process died; a
+            // worker took the run over an hour later.
+            at(1_000, started("crashed", 1)),
+            at(1_000 + hour, started("crashed", 2)),
+            at(1_250 + hour, Event::StepSucceeded { step: "crashed".into(), attempt: 2, output: json!(1) }),
+            // `retried`: two attempts of 100 and 30 ms with a backoff between.
+            at(2_000, started("retried", 1)),
+            at(
+                2_100,
+                Event::StepFailed {
+                    step: "retried".into(),
+                    attempt: 1,
+                    error: error.clone(),
+                    retry_at: Some(60_000),
+                    continued: false,
+                },
+            ),
+            at(60_000, started("retried", 2)),
+            at(60_030, Event::StepSucceeded { step: "retried".into(), attempt: 2, output: json!(2) }),
+            // `napping`: a sleep counts from its start to its end.
+            at(5_000, started("napping", 1)),
+            at(5_001, Event::StepSuspended { step: "napping".into(), attempt: 1, until: 7_000 }),
+            at(7_002, Event::StepSucceeded { step: "napping".into(), attempt: 1, output: json!(3) }),
+            // `open`: started, never ended.
+            at(8_000, started("open", 1)),
+            at(9_000, Event::StepSkipped { step: "skipped".into(), reason: "when was false".into() }),
+        ];
+        let steps = steps(&journal);
+        let took: Vec<(&str, Option<i64>, u32)> =
+            steps.iter().map(|s| (s.id.as_str(), s.duration_ms, s.attempts)).collect();
+        assert_eq!(
+            took,
+            [
+                ("crashed", Some(250), 2),
+                ("retried", Some(130), 2),
+                ("napping", Some(2_002), 1),
+                ("open", None, 1),
+                ("skipped", None, 0)
+            ]
+        );
+        assert_eq!((steps[0].started_at, steps[0].ended_at), (Some(1_000), Some(1_250 + hour)));
+        let table = render(&steps);
+        assert!(table.contains("250 ms") && !table.contains("3600250"), "{table}");
+    }
 }

@@ -99,10 +99,31 @@ fn default_max_delay() -> String {
 }
 
 /// Parses YAML or JSON (JSON is YAML, but a `.json` file gets JSON's errors).
+///
+/// YAML is parsed under a budget (nesting depth, node count, aliases), so a
+/// hostile file is rejected in time linear in its size; a key repeated in one
+/// mapping is an error. Only `true` and `false` are booleans (YAML 1.2), so
+/// `n:` or `country: no` stay strings. Messages carry line and column, and no
+/// source snippet.
 pub fn parse(source: &str, is_json: bool) -> Result<Spec, String> {
+    let source = source.strip_prefix('\u{feff}').unwrap_or(source);
     if is_json {
         serde_json::from_str(source).map_err(|e| e.to_string())
     } else {
-        serde_norway::from_str(source).map_err(|e| e.to_string())
+        // Both are non-exhaustive: start from the defaults and set fields.
+        let mut budget = serde_saphyr::Budget::default();
+        budget.max_depth = MAX_DEPTH;
+        budget.max_documents = 1;
+        budget.max_nodes = 1_000_000;
+        let mut options = serde_saphyr::Options::default();
+        options.budget = Some(budget);
+        options.duplicate_keys = serde_saphyr::options::DuplicateKeyPolicy::Error;
+        options.with_snippet = false;
+        // YAML 1.2 booleans only: `n`, `no`, `on`, `y` stay strings.
+        options.strict_booleans = true;
+        serde_saphyr::from_str_with_options(source, options).map_err(|e| e.to_string())
     }
 }
+
+/// Deepest nesting of mappings and lists in a workflow file.
+pub const MAX_DEPTH: usize = 64;

@@ -2,7 +2,9 @@
 //! acyclic, expressions parsed, configs checked). Built only by
 //! [`crate::compile`]; nothing downstream validates again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use fixedbitset::FixedBitSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ pub struct Workflow {
     pub(crate) input_schema: Option<Arc<jsonschema::Validator>>,
     pub(crate) concurrency: Option<u32>,
     pub(crate) steps: Vec<Step>,
+    /// Step ids to indexes.
+    pub(crate) index: HashMap<String, usize>,
     /// Step indexes in an order where every step comes after its needs.
     pub(crate) order: Vec<usize>,
     pub(crate) output: Option<ValueTemplate>,
@@ -43,7 +47,7 @@ impl Workflow {
         self.steps.iter().map(|s| s.id.as_str())
     }
     pub(crate) fn step_index(&self, id: &str) -> Option<usize> {
-        self.steps.iter().position(|s| s.id == id)
+        self.index.get(id).copied()
     }
 
     /// Checks a run input against the workflow's input schema.
@@ -64,6 +68,11 @@ pub struct Step {
     pub(crate) id: String,
     pub(crate) kind: StepKind,
     pub(crate) needs: Vec<Need>,
+    /// Every step this one depends on, directly or not: the only steps its
+    /// templates can see.
+    pub(crate) upstream: FixedBitSet,
+    /// For a step that chooses a path: the paths it may choose.
+    pub(crate) paths: Option<BTreeSet<String>>,
     pub(crate) dependents: Vec<usize>,
     pub(crate) join: Join,
     pub(crate) when: Option<Expr>,

@@ -22,6 +22,13 @@ pub trait Step: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The paths a step of this kind may choose, if it chooses one (like a
+    /// `switch`): its output then has `path` set to one of them, and later
+    /// steps can need `step.path`. `None` for kinds that choose no path.
+    fn paths(_config: &Self::Config) -> Option<Vec<String>> {
+        None
+    }
+
     fn run(&self, config: Self::Config, ctx: &mut StepContext)
     -> impl Future<Output = StepResult<Self::Output>> + Send;
 }
@@ -33,6 +40,9 @@ pub trait DynStep: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Parses and checks a `with` block whose strings are still templates.
     fn check(&self, with: &Value) -> Vec<ConfigIssue>;
+    /// The paths this step may choose (see [`Step::paths`]), from its
+    /// unrendered `with` block; `None` if it chooses none or does not parse.
+    fn paths(&self, with: &Value) -> Option<Vec<String>>;
     /// Runs the step on a rendered `with` block.
     fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult>;
 }
@@ -56,6 +66,10 @@ impl<S: Step> DynStep for S {
             Ok(config) => S::check(&config),
             Err(issue) => vec![issue],
         }
+    }
+
+    fn paths(&self, with: &Value) -> Option<Vec<String>> {
+        parse::<S::Config>(with.clone()).ok().and_then(|config| S::paths(&config))
     }
 
     fn run<'a>(&'a self, with: Value, ctx: &'a mut StepContext) -> BoxFuture<'a, StepResult> {

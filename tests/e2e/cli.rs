@@ -283,3 +283,269 @@ async fn the_quick_start_runs_the_nightly_report_offline() {
     assert_eq!(report["overall"], "red");
     assert_eq!(report["breaches"], json!(["search"]));
 }
+
+// Hardening: output that cannot panic or steer a terminal, machine output,
+// and the database named in errors.
+
+use std::process::Output;
+use std::time::Duration;
+
+/// Runs `cmd` to its end, or fails the test after 60 s: the child is killed
+/// when the timed-out future drops it (`kill_on_drop`).
+async fn output_within(cmd: &mut Command) -> Output {
+    match tokio::time::timeout(Duration::from_secs(60), cmd.output()).await {
+        Ok(out) => out.expect("the binary starts"),
+        Err(_) => panic!("{cmd:?} did not end within 60 s (killed)"),
+    }
+}
+
+/// [`output_within`] for a command whose stdout or stderr the test sets
+/// itself (`output()` would replace both with pipes); the others are piped.
+async fn spawned_output_within(cmd: &mut Command) -> Output {
+    let child = cmd.spawn().expect("the binary starts");
+    match tokio::time::timeout(Duration::from_secs(60), child.wait_with_output()).await {
+        Ok(out) => out.expect("the binary ends"),
+        Err(_) => panic!("{cmd:?} did not end within 60 s (killed)"),
+    }
+}
+
+/// A workflow file of one `transform` step whose output is `{n: input.n}`.
+fn one_step(dir: &std::path::Path) -> std::path::PathBuf {
+    let file = dir.join("one.yaml");
+    std::fs::write(&file, "name: one\nsteps:\n  - id: t\n    kind: transform\n    with: {n: \"{{ input.n }}\"}\n")
+        .unwrap();
+    file
+}
+
+/// Starts a run of `file` and returns its id (from the first stderr line).
+async fn run_ok(db: &std::path::Path, file: &std::path::Path, input: &str) -> String {
+    let out = output_within(switchyard(db).arg("run").arg(file).args(["--input", input])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    stderr.lines().next().and_then(|l| l.split_whitespace().nth(1)).expect("run <id> started").to_owned()
+}
+
+#[tokio::test]
+async fn runs_show_prints_a_wake_up_time_past_the_year_9999() {
+    let dir = temp_dir("far-wake");
+    let db = dir.join("switchyard.db");
+    let file = dir.join("nap.yaml");
+    std::fs::write(&file, "name: nap\nsteps:\n  - id: nap\n    kind: sleep\n    with: {duration: 8000y}\n").unwrap();
+    let mut running =
+        switchyard(&db).arg("run").arg(&file).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(running.stderr.take().unwrap()).lines();
+    let id = stderr.next_line().await.unwrap().unwrap().split_whitespace().nth(1).unwrap().to_owned();
+    // A timer this far away parks the run at once.
+    let store = store(&dir).await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while store.run(&id).await.unwrap().map(|r| r.status) != Some(RunStatus::Waiting) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the run parks");
+
+    let out = output_within(switchyard(&db).args(["runs", "show", &id])).await;
+    let (stdout, stderr_text) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr_text}");
+    assert!(stdout.contains("wakes:    +1"), "{stdout}");
+    assert!(stdout.contains("(until +1"), "the step's note: {stdout}");
+    let out = output_within(switchyard(&db).args(["runs", "show", &id, "--json"])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(shown["wake_at_ms"].as_i64().unwrap() > 253_402_300_799_999, "{shown}");
+    assert!(shown["wake_at"].as_str().unwrap().starts_with('+'), "{shown}");
+    running.start_kill().unwrap();
+    running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_closed_stdout_or_stderr_ends_the_command_without_a_panic() {
+    let dir = temp_dir("broken-pipe");
+    let db = dir.join("switchyard.db");
+    let file = one_step(dir.path());
+    let mut id = String::new();
+    for n in 0..5 {
+        id = run_ok(&db, &file, &format!(r#"{{"n": {n}}}"#)).await;
+    }
+    // A pipe whose reader is gone before the command writes: every write to
+    // it fails with EPIPE, as in `switchyard runs list | head -c1`.
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let commands: [&[&str]; 6] = [
+        &["runs", "list"],
+        &["runs", "list", "--json"],
+        &["runs", "show", &id],
+        &["runs", "show", &id, "--journal", "--json"],
+        &["validate", file.to_str().unwrap()],
+        &["run", file.to_str().unwrap(), "--input", r#"{"n": 0}"#],
+    ];
+    for args in commands {
+        let out = spawned_output_within(switchyard(&db).args(args).stdout(closed()).stderr(Stdio::piped())).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+    }
+    // With stderr closed too, and logs written to it.
+    let out = spawned_output_within(
+        switchyard(&db)
+            .env("SWITCHYARD_LOG", "debug")
+            .arg("run")
+            .arg(&file)
+            .args(["--input", r#"{"n": 0}"#])
+            .stdout(closed())
+            .stderr(closed()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn run_data_cannot_steer_the_terminal() {
+    let dir = temp_dir("escapes");
+    let db = dir.join("switchyard.db");
+    let file = dir.join("esc.yaml");
+    std::fs::write(
+        &file,
+        "name: \"esc\\e[31m\"\nsteps:\n  - id: boom\n    kind: fail\n    with:\n      message: \"before \\u001b[2J run succeeded \\u009b after \\u202e\"\n",
+    )
+    .unwrap();
+    let raw = |text: &str| text.contains('\u{1b}') || text.contains('\u{9b}') || text.contains('\u{202e}');
+    let out = output_within(switchyard(&db).arg("run").arg(&file)).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!raw(&stderr), "{stderr:?}");
+    assert!(stderr.contains("before \\u{1b}[2J run succeeded \\u{9b} after \\u{202e}"), "{stderr}");
+    let id = stderr.split_whitespace().nth(1).unwrap().to_owned();
+
+    for args in [&["runs", "show", &id, "--journal"][..], &["runs", "list"], &["runs", "list", "--json"]] {
+        let out = output_within(switchyard(&db).args(args)).await;
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success() && !raw(&stdout), "{args:?}: {stdout:?}");
+    }
+    let out = output_within(switchyard(&db).args(["runs", "show", &id, "--json", "--journal"])).await;
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(!raw(&stdout), "{stdout:?}");
+    // Escaped as JSON: the value is intact.
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["steps"][0]["error"]["message"], "before \u{1b}[2J run succeeded \u{9b} after \u{202e}");
+    assert_eq!(shown["workflow"], "esc\u{1b}[31m");
+}
+
+#[tokio::test]
+async fn input_from_a_device_fails_fast_and_a_bom_is_dropped() {
+    let dir = temp_dir("input-file");
+    let db = dir.join("switchyard.db");
+    let file = one_step(dir.path());
+    let out = output_within(switchyard(&db).arg("run").arg(&file).args(["--input", "@/dev/zero"])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--input: cannot read /dev/zero: not a regular file"), "{stderr}");
+
+    let with_bom = dir.join("input.json");
+    std::fs::write(&with_bom, "\u{feff}{\"n\": 1}").unwrap();
+    let from_file = format!("@{}", with_bom.display());
+    for input in [from_file.as_str(), "\u{feff}{\"n\": 2}"] {
+        let out = output_within(switchyard(&db).arg("run").arg(&file).args(["--input", input])).await;
+        assert!(out.status.success(), "{input:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[tokio::test]
+async fn an_empty_or_in_memory_database_is_refused() {
+    let dir = temp_dir("memory-db");
+    let file = one_step(dir.path());
+    for db in ["", "  ", "sqlite://", ":memory:", "sqlite::memory:", "sqlite://x.db?mode=memory"] {
+        for args in [&["runs", "list"][..], &["run", file.to_str().unwrap()], &["worker", "--exit-when-idle"]] {
+            let out = output_within(Command::new(BIN).current_dir(dir.path()).arg("--db").arg(db).args(args)).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{db:?} {args:?}: {stderr}");
+            assert!(stderr.starts_with("error: --db "), "{db:?} {args:?}: {stderr}");
+            assert!(!stderr.contains("no such table"), "{stderr}");
+        }
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing but the workflow file was created");
+}
+
+#[tokio::test]
+async fn a_database_error_names_the_file_once() {
+    let dir = temp_dir("db-errors");
+    let file = one_step(dir.path());
+    // A directory, and a file in a directory that does not exist.
+    let missing = dir.join("missing").join("switchyard.db");
+    for db in [dir.path(), missing.as_path()] {
+        for args in [&["runs", "list"][..], &["run", file.to_str().unwrap()]] {
+            let out = output_within(switchyard(db).args(args)).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert_eq!(stderr, format!("error: database {}: unable to open database file\n", db.display()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn runs_list_and_show_print_json() {
+    let dir = temp_dir("json-out");
+    let db = dir.join("switchyard.db");
+    let file = one_step(dir.path());
+    let first = run_ok(&db, &file, r#"{"n": 1}"#).await;
+    let second = run_ok(&db, &file, r#"{"n": 2}"#).await;
+
+    let out = output_within(switchyard(&db).args(["runs", "list", "--json"])).await;
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = listed.as_array().expect("one JSON array");
+    let ids: Vec<&str> = listed.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [second.as_str(), first.as_str()], "newest first");
+    let r = &listed[0];
+    assert_eq!((&r["workflow"], &r["version"], &r["status"]), (&json!("one"), &json!(1), &json!("succeeded")));
+    for time in ["created_at", "updated_at", "finished_at"] {
+        assert!(r[format!("{time}_ms")].as_i64().unwrap() > 0, "{r}");
+        assert!(r[time].as_str().unwrap().ends_with('Z'), "{r}");
+    }
+
+    let out = output_within(switchyard(&db).args(["runs", "show", &first, "--json"])).await;
+    assert!(out.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["id"], first.as_str());
+    assert_eq!(shown["root_id"], first.as_str());
+    assert_eq!(shown["parent_id"], json!(null));
+    assert_eq!(shown["status"], "succeeded");
+    assert_eq!(shown["input"], json!({"n": 1}));
+    assert_eq!(shown["output"], json!({"t": {"n": 1}}));
+    assert_eq!(shown["error"], json!(null));
+    assert_eq!(shown["wake_at"], json!(null));
+    assert_eq!(shown["children"], json!([]));
+    assert!(shown.get("journal").is_none(), "only with --journal");
+    let step = &shown["steps"][0];
+    assert_eq!((&step["id"], &step["status"], &step["attempts"]), (&json!("t"), &json!("succeeded"), &json!(1)));
+    assert!(step["duration_ms"].as_i64().is_some() && step["error"].is_null() && step["note"].is_null(), "{step}");
+
+    let out = output_within(switchyard(&db).args(["runs", "show", &first, "--json", "--journal"])).await;
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let journal = shown["journal"].as_array().unwrap();
+    assert_eq!(journal[0]["event"]["type"], "run_started");
+    assert_eq!(journal.last().unwrap()["event"]["type"], "run_finished");
+    assert!(journal[0]["at_ms"].is_i64() && journal[0]["seq"].is_i64());
+}
+
+#[tokio::test]
+async fn logs_on_a_pipe_carry_no_colour() {
+    let dir = temp_dir("no-colour");
+    let file = one_step(dir.path());
+    let out = output_within(
+        switchyard(&dir.join("switchyard.db"))
+            .env("SWITCHYARD_LOG", "debug")
+            .arg("run")
+            .arg(&file)
+            .args(["--input", r#"{"n": 0}"#]),
+    )
+    .await;
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("DEBUG"), "log lines are written: {stderr}");
+    assert!(!stderr.contains("\u{1b}["), "{stderr}");
+}

@@ -3,16 +3,20 @@
 //! One route, `ANY /hit/{name}`. Every request is recorded as a [`Call`] before
 //! anything else happens, and query parameters shape the reply:
 //!
-//! | parameter      | effect                                                              |
-//! |----------------|---------------------------------------------------------------------|
-//! | `hold_first=N` | the first N calls to this name wait until [`CounterServer::release`] (or the client hangs up) |
-//! | `delay_ms=N`   | sleep N ms before answering (after any hold)                        |
-//! | `fail_first=N` | the first N calls to this name answer 503                           |
-//! | `status=N`     | answer with status N (a non-2xx status gets the error body)         |
+//! | parameter           | effect |
+//! |---------------------|---------------------------------------------------------------------|
+//! | `hold_first=N`      | the first N calls to this name wait until [`CounterServer::release`] (or the client hangs up) |
+//! | `delay_ms=N`        | sleep N ms before answering (after any hold) |
+//! | `fail_first=N`      | the first N calls to this name answer 503 |
+//! | `status=N`          | answer with status N (a non-2xx status gets the error body) |
+//! | `redirect_to=URL`   | answer `redirect_status` (default 302) with `Location: URL`, verbatim (relative or any scheme) |
+//! | `redirect_status=N` | the redirect's status; alone, `Location` is this request's own path and query (a loop) |
 //!
 //! A 2xx reply is `{"name", "count", "echo", "query"}`; an error reply is
-//! `{"error", "count"}`. `count` is the call's 1-based ordinal among calls to
-//! its name, so it does not depend on how concurrent calls interleave.
+//! `{"error", "count"}`; a redirect is `{"redirect", "count"}`. `count` is the
+//! call's 1-based ordinal among calls to its name, so it does not depend on
+//! how concurrent calls interleave. A redirect comes after any hold, delay or
+//! `fail_first`, and wins over `status`.
 //!
 //! All state lives in one `watch` channel: handlers mutate it with
 //! `send_modify`, and the `wait_*` helpers subscribe and re-check their
@@ -27,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
@@ -47,6 +51,9 @@ pub struct Call {
     /// (lossily decoded) text when it is not JSON.
     pub body: Value,
     pub query: BTreeMap<String, String>,
+    /// Every request header, names in lower case; repeated headers joined
+    /// with `, `, values decoded lossily.
+    pub headers: BTreeMap<String, String>,
     /// When the handler started, before any hold or delay.
     pub started_at: Instant,
     /// When the response was produced; `None` while in progress, or forever
@@ -253,6 +260,7 @@ async fn hit(
     State(log): State<Shared>,
     Path(name): Path<String>,
     method: Method,
+    uri: Uri,
     headers: HeaderMap,
     Query(query): Query<BTreeMap<String, String>>,
     body: Bytes,
@@ -264,6 +272,17 @@ async fn hit(
         json => json.clone(),
     };
     let idempotency_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut recorded_headers = BTreeMap::<String, String>::new();
+    for (name, value) in &headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        recorded_headers
+            .entry(name.as_str().to_owned())
+            .and_modify(|all| {
+                all.push_str(", ");
+                all.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
 
     let (mut index, mut count) = (0, 0);
     log.send_modify(|log| {
@@ -277,17 +296,25 @@ async fn hit(
             idempotency_key,
             body: recorded,
             query: query.clone(),
+            headers: recorded_headers,
             started_at: Instant::now(),
             ended_at: None,
         });
     });
 
-    let response = respond(&log, &name, count, query, echo).await;
+    let response = respond(&log, &name, count, &uri, query, echo).await;
     log.send_modify(|log| log.calls[index].ended_at = Some(Instant::now()));
     response
 }
 
-async fn respond(log: &Shared, name: &str, count: usize, query: BTreeMap<String, String>, echo: Value) -> Response {
+async fn respond(
+    log: &Shared,
+    name: &str,
+    count: usize,
+    uri: &Uri,
+    query: BTreeMap<String, String>,
+    echo: Value,
+) -> Response {
     let behaviour = match Behaviour::parse(&query) {
         Ok(behaviour) => behaviour,
         Err(message) => return error(StatusCode::BAD_REQUEST, message, count),
@@ -305,6 +332,14 @@ async fn respond(log: &Shared, name: &str, count: usize, query: BTreeMap<String,
     if count <= behaviour.fail_first {
         let message = format!("failing the first {} calls", behaviour.fail_first);
         return error(StatusCode::SERVICE_UNAVAILABLE, message, count);
+    }
+    if let Some((status, location)) = &behaviour.redirect {
+        let location = location.clone().unwrap_or_else(|| uri.to_string());
+        let Ok(value) = HeaderValue::from_str(&location) else {
+            return error(StatusCode::BAD_REQUEST, format!("redirect_to={location}: not a header value"), count);
+        };
+        let body = Json(json!({ "redirect": location, "count": count }));
+        return (*status, [(header::LOCATION, value)], body).into_response();
     }
     if !behaviour.status.is_success() {
         let message = format!("status {} requested", behaviour.status.as_u16());
@@ -324,6 +359,9 @@ struct Behaviour {
     status: StatusCode,
     fail_first: usize,
     hold_first: usize,
+    /// The status and `Location` of a redirect, if any; no `Location` means
+    /// this request's own path and query.
+    redirect: Option<(StatusCode, Option<String>)>,
 }
 
 impl Behaviour {
@@ -332,11 +370,17 @@ impl Behaviour {
             None => StatusCode::OK,
             Some(code) => StatusCode::from_u16(code).map_err(|e| format!("status: {e}"))?,
         };
+        let redirect_to = query.get("redirect_to").cloned();
+        let redirect = match param::<u16>(query, "redirect_status")? {
+            None => redirect_to.map(|to| (StatusCode::FOUND, Some(to))),
+            Some(code) => Some((StatusCode::from_u16(code).map_err(|e| format!("redirect_status: {e}"))?, redirect_to)),
+        };
         Ok(Self {
             delay: param(query, "delay_ms")?.map(Duration::from_millis),
             status,
             fail_first: param(query, "fail_first")?.unwrap_or(0),
             hold_first: param(query, "hold_first")?.unwrap_or(0),
+            redirect,
         })
     }
 }

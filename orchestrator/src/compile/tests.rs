@@ -194,10 +194,74 @@ steps:
 }
 
 #[test]
-fn join_keys_are_relative_to_the_calling_file() {
-    assert_eq!(join_key("a/b.yaml", "c.yaml"), "a/c.yaml");
-    assert_eq!(join_key("a/b.yaml", "../c.yaml"), "c.yaml");
-    assert_eq!(join_key("b.yaml", "./x/c.yaml"), "x/c.yaml");
+fn join_keys_are_relative_to_the_calling_file_and_stay_inside_its_folder() {
+    assert_eq!(join_key("a/b.yaml", "c.yaml").unwrap(), "a/c.yaml");
+    assert_eq!(join_key("a/b.yaml", "../c.yaml").unwrap(), "c.yaml");
+    assert_eq!(join_key("b.yaml", "./x/c.yaml").unwrap(), "x/c.yaml");
+    assert!(join_key("b.yaml", "../c.yaml").unwrap_err().contains("leaves the workflow's folder"));
+    assert!(join_key("a/b.yaml", "../../c.yaml").unwrap_err().contains("leaves"));
+    assert!(join_key("a/b.yaml", "x/../../../c.yaml").unwrap_err().contains("leaves"));
+    assert!(join_key("b.yaml", "/etc/passwd").unwrap_err().contains("absolute"));
+    assert!(join_key("b.yaml", "").is_err());
+}
+
+#[test]
+fn called_files_outside_the_bundle_are_refused_without_quoting_them() {
+    let errs = compile_files(&[(
+        "wf.yaml",
+        "name: w\nsteps:\n  - {id: a, kind: workflow, with: {path: ../../outside/app.env}}\n  - {id: b, kind: workflow, with: {path: /etc/passwd}}\n",
+    )])
+    .unwrap_err()
+    .to_string();
+    assert!(errs.contains("steps[0].with.path") && errs.contains("leaves the workflow's folder"), "{errs}");
+    assert!(errs.contains("steps[1].with.path") && errs.contains("absolute"), "{errs}");
+    // A file in the bundle that is not a workflow: its contents are not shown.
+    let errs = compile_files(&[
+        ("wf.yaml", "name: w\nsteps:\n  - {id: a, kind: workflow, with: {path: app.env}}\n"),
+        ("app.env", "API_KEY=hunter2-secret\n"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(errs.contains("app.env"), "{errs}");
+    assert!(!errs.contains("hunter2"), "{errs}");
+}
+
+#[test]
+fn yaml_files_reject_duplicate_keys_and_deep_nesting_quickly() {
+    let joined = errors_text(&errors("name: w\nname: v\nsteps:\n  - {id: a, kind: transform, with: {x: 1, x: 2}}\n"));
+    assert!(joined.to_lowercase().contains("duplicate"), "{joined}");
+    let started = std::time::Instant::now();
+    let deep = format!("name: w\nsteps: {}", "[".repeat(80_000));
+    let joined = errors_text(&errors(&deep));
+    assert!(!joined.is_empty());
+    assert!(!joined.contains("[[[["), "the error must not quote the input: {joined}");
+    // Generous for a debug build on a slow machine; it took 7.7 s before.
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+#[test]
+fn a_long_chain_compiles_in_near_linear_time_and_memory() {
+    let mut yaml = String::from("name: chain\nsteps:\n  - {id: s0, kind: transform, with: {v: 0}}\n");
+    for i in 1..10_000 {
+        yaml.push_str(&format!(
+            "  - {{id: s{i}, kind: transform, needs: [s{}], with: {{v: \"{{{{ steps.s{}.output.v }}}}\"}}}}\n",
+            i - 1,
+            i - 1
+        ));
+    }
+    let started = std::time::Instant::now();
+    let def = compile_files(&[("wf.yaml", &yaml)]).unwrap();
+    assert_eq!(def.workflow.step_ids().count(), 10_000);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+#[test]
+fn a_custom_kind_that_chooses_paths_routes_like_a_switch() {
+    // `fail` chooses no path: naming one is an error that says so.
+    let joined = errors_text(&errors(
+        "name: w\nsteps:\n  - {id: f, kind: fail, with: {message: x}}\n  - {id: g, kind: transform, needs: [f.x]}\n",
+    ));
+    assert!(joined.contains("does not choose a path"), "{joined}");
 }
 
 #[test]

@@ -11,7 +11,7 @@ use serde_json::Value;
 use switchyard_steps::{StepContext, StepError, StepResult, Stop};
 
 use super::Inner;
-use super::driver::{DriveError, Driver, Outcome, RunRef};
+use super::driver::{DriveError, Driver, ItemInputs, Outcome, RunRef};
 use super::writer::CommitError;
 use crate::journal::{Event, RunStatus};
 use crate::store::{Fence, JournalEntry, NewRun, Write};
@@ -120,15 +120,20 @@ pub(crate) async fn run_map(
     inner: &Arc<Inner>,
     parent: &Parent,
     wf: Arc<Workflow>,
-    inputs: Vec<Value>,
+    items: Vec<Value>,
+    inputs: &ItemInputs,
     concurrency: usize,
     ctx: &StepContext,
 ) -> StepResult {
     let step = ctx.step_id().to_owned();
-    let outputs: Vec<Value> = futures::stream::iter(inputs.into_iter().enumerate())
-        .map(|(index, input)| {
+    let outputs: Vec<Value> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(index, item)| {
             let id = format!("{}/{step}/{index}", parent.run);
-            run_child(inner, parent, id, wf.clone(), input, ctx)
+            let wf = wf.clone();
+            async move {
+                let input = inputs.render(index, item)?;
+                run_child(inner, parent, id, wf, input, ctx).await
+            }
         })
         .buffered(concurrency)
         .try_collect()

@@ -18,11 +18,12 @@ use super::Inner;
 use super::child;
 use super::journal_handle::{RunJournal, StepOps};
 use super::writer::CommitError;
-use crate::expr;
+use crate::expr::ValueTemplate;
 use crate::journal::{Event, RunStatus};
 use crate::spec::{Join, OnError};
 use crate::store::{self, Fence, JournalEntry, RunUpdate};
 use crate::workflow::{StepKind, Workflow};
+use crate::{expr, limits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
@@ -252,20 +253,30 @@ impl Driver {
         })
     }
 
-    fn context(&self, extra: &[(&str, MjValue)]) -> MjValue {
+    /// The template context of step `of` (`None`: the run's output, which
+    /// sees every step): only its upstream steps, so what a template can
+    /// read never depends on what else happened to have finished.
+    fn context(&self, of: Option<usize>, extra: &[(&str, MjValue)]) -> MjValue {
+        let mut ctx: BTreeMap<&str, MjValue> = BTreeMap::new();
+        ctx.insert("input", self.input_view.clone());
+        ctx.insert("steps", self.steps_view(of));
+        ctx.insert("run", self.run_view.clone());
+        ctx.extend(extra.iter().cloned());
+        MjValue::from(ctx)
+    }
+
+    fn steps_view(&self, of: Option<usize>) -> MjValue {
+        let upstream = of.map(|i| &self.wf.steps[i].upstream);
         let steps: BTreeMap<&str, MjValue> = self
             .wf
             .steps
             .iter()
             .zip(&self.steps)
-            .filter_map(|(spec, st)| st.view.clone().map(|v| (spec.id.as_str(), v)))
+            .enumerate()
+            .filter(|(j, _)| upstream.is_none_or(|up| up.contains(*j)))
+            .filter_map(|(_, (spec, st))| st.view.clone().map(|v| (spec.id.as_str(), v)))
             .collect();
-        let mut ctx: BTreeMap<&str, MjValue> = BTreeMap::new();
-        ctx.insert("input", self.input_view.clone());
-        ctx.insert("steps", MjValue::from(steps));
-        ctx.insert("run", self.run_view.clone());
-        ctx.extend(extra.iter().cloned());
-        MjValue::from(ctx)
+        MjValue::from(steps)
     }
 
     /// Runs until the run finishes or parks.
@@ -363,6 +374,9 @@ impl Driver {
             }
             match self.steps[i].status {
                 Status::Suspended | Status::Backoff if self.steps[i].due.is_some_and(|d| d <= now) => self.start(i),
+                // A switch that failed on its expression and was resumed is
+                // decided again, like the first time.
+                Status::Ready if matches!(self.wf.steps[i].kind, StepKind::Switch { .. }) => self.switch(i),
                 Status::Ready => self.start(i),
                 Status::Pending => match self.readiness(i) {
                     Readiness::Wait => {}
@@ -424,7 +438,7 @@ impl Driver {
 
     fn when_false(&mut self, i: usize) -> Option<String> {
         let when = self.wf.steps[i].when.clone()?;
-        match self.wf.templates.test(&when, &self.context(&[])) {
+        match self.wf.templates.test(&when, &self.context(Some(i), &[])) {
             Ok(true) => None,
             Ok(false) => Some("`when` is false".into()),
             Err(e) => {
@@ -460,7 +474,7 @@ impl Driver {
 
     fn switch(&mut self, i: usize) {
         let StepKind::Switch { cases, default } = &self.wf.steps[i].kind else { return };
-        let ctx = self.context(&[]);
+        let ctx = self.context(Some(i), &[]);
         let mut chosen = None;
         for (when, path) in cases {
             match self.wf.templates.test(when, &ctx) {
@@ -501,7 +515,7 @@ impl Driver {
         let attempt = st.attempt;
         let replay = st.ops.lock().expect("ops").clone();
         let recorded = st.ops.clone();
-        let ctx_value = self.context(&[]);
+        let ctx_value = self.context(Some(i), &[]);
         let ctx = StepContext::new(
             self.run_id.clone(),
             id.clone(),
@@ -523,9 +537,9 @@ impl Driver {
         let timeout = step.timeout;
         let clock = self.inner.clock.clone();
         let inner = self.inner.clone();
-        self.launches.push(Box::pin(async move {
+        let attempt_future = async move {
             let started = clock.now_ms();
-            let result = match timeout {
+            match timeout {
                 None => work.run(inner, ctx).await,
                 Some(limit) => {
                     let deadline = started.saturating_add(limit.as_millis() as i64);
@@ -537,6 +551,18 @@ impl Driver {
                         ))),
                     }
                 }
+            }
+        };
+        // A step that panics fails its attempt; the driver (and the process)
+        // goes on. The first poll runs on the driver, the rest in a task:
+        // both are inside this guard.
+        self.launches.push(Box::pin(async move {
+            let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(attempt_future)).await {
+                Ok(result) => result,
+                Err(panic) => Err(Stop::Error(StepError::fatal(
+                    "panic",
+                    format!("the step panicked: {}", super::panic_message(panic.as_ref())),
+                ))),
             };
             (i, attempt, result)
         }));
@@ -556,6 +582,12 @@ impl Driver {
             },
             StepKind::Map { items, concurrency, input, child } => {
                 let items = match wf.templates.render(items, ctx).map_err(render_err)? {
+                    Value::Array(items) if items.len() > MAX_MAP_ITEMS => {
+                        return Err(StepError::fatal(
+                            "map_items",
+                            format!("`items` has {} entries; a map takes at most {MAX_MAP_ITEMS}", items.len()),
+                        ));
+                    }
                     Value::Array(items) => items,
                     other => {
                         return Err(StepError::fatal(
@@ -564,21 +596,26 @@ impl Driver {
                         ));
                     }
                 };
-                let inputs = items
-                    .into_iter()
-                    .enumerate()
-                    .map(|(index, item)| match input {
-                        None => Ok(json!({ "item": item, "index": index })),
-                        Some(tpl) => {
-                            let ctx =
-                                self.context(&[("item", expr::from_json(&item)), ("index", MjValue::from(index))]);
-                            wf.templates.render(tpl, &ctx).map_err(render_err)
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                Work::Map { child: child.clone(), inputs, concurrency: *concurrency, parent: self.child_parent() }
+                // Each child's input is rendered when that child starts, not
+                // all up front.
+                let inputs = ItemInputs {
+                    wf: wf.clone(),
+                    template: input.clone(),
+                    input: self.input_view.clone(),
+                    steps: self.steps_view(Some(i)),
+                    run: self.run_view.clone(),
+                };
+                Work::Map {
+                    child: child.clone(),
+                    items,
+                    inputs,
+                    concurrency: *concurrency,
+                    parent: self.child_parent(),
+                }
             }
-            StepKind::Switch { .. } => unreachable!("switches are decided inline"),
+            StepKind::Switch { .. } => {
+                return Err(StepError::fatal("engine", "a switch is decided by the driver, not started"));
+            }
         })
     }
 
@@ -601,10 +638,12 @@ impl Driver {
                 Ok(done) => done,
                 Err(e) if e.is_cancelled() => continue,
                 Err(e) => {
+                    // Attempts catch their own panics, so this is the engine's.
                     tracing::error!(run = %self.run_id, error = %e, "a step task panicked");
                     return Err(DriveError::Invalid(self.run_id.clone(), format!("a step task panicked: {e}")));
                 }
             };
+            let result = self.checked(i, result);
             let step = &self.wf.steps[i];
             let id = step.id.clone();
             match result {
@@ -660,6 +699,29 @@ impl Driver {
         Ok(())
     }
 
+    /// An output that cannot be journaled and read back (too deep, too
+    /// large), or a path the step did not declare, fails the attempt.
+    fn checked(&self, i: usize, result: StepResult) -> StepResult {
+        let output = result?;
+        if let Err(why) = limits::check(&output) {
+            return Err(
+                StepError::fatal("output_too_large", format!("the step's output cannot be stored: {why}")).into()
+            );
+        }
+        if let Some(paths) = &self.wf.steps[i].paths {
+            let chosen = output.get("path").and_then(Value::as_str);
+            if !chosen.is_some_and(|p| paths.contains(p)) {
+                let known = paths.iter().cloned().collect::<Vec<_>>().join(", ");
+                return Err(StepError::fatal(
+                    "invalid_path",
+                    format!("the step chose path {chosen:?}, which is not one of its paths ({known})"),
+                )
+                .into());
+            }
+        }
+        Ok(output)
+    }
+
     async fn park(self, wake_at: i64) -> Result<Outcome, DriveError> {
         let update = RunUpdate {
             status: Some(RunStatus::Waiting),
@@ -677,7 +739,7 @@ impl Driver {
         let (status, output, error) = match self.failure.take() {
             Some(error) => (RunStatus::Failed, None, Some(error)),
             None => {
-                let ctx = self.context(&[]);
+                let ctx = self.context(None, &[]);
                 let output = match &self.wf.output {
                     Some(tpl) => self.wf.templates.render(tpl, &ctx),
                     None => Ok(self.default_output()),
@@ -758,11 +820,38 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// Most items one `map` step takes.
+pub(crate) const MAX_MAP_ITEMS: usize = 100_000;
+
 /// What a started attempt does, prepared (rendered) by the driver.
 enum Work {
     Action { step: Arc<dyn switchyard_steps::DynStep>, with: Value },
     Call { child: Arc<Workflow>, input: Value, parent: child::Parent },
-    Map { child: Arc<Workflow>, inputs: Vec<Value>, concurrency: usize, parent: child::Parent },
+    Map { child: Arc<Workflow>, items: Vec<Value>, inputs: ItemInputs, concurrency: usize, parent: child::Parent },
+}
+
+/// Renders the input of a map's child from its item, with the context the
+/// map step had when it started.
+pub(crate) struct ItemInputs {
+    wf: Arc<Workflow>,
+    template: Option<ValueTemplate>,
+    input: MjValue,
+    steps: MjValue,
+    run: MjValue,
+}
+
+impl ItemInputs {
+    pub fn render(&self, index: usize, item: Value) -> Result<Value, StepError> {
+        let Some(template) = &self.template else { return Ok(json!({ "item": item, "index": index })) };
+        let ctx = MjValue::from(BTreeMap::from([
+            ("input", self.input.clone()),
+            ("steps", self.steps.clone()),
+            ("run", self.run.clone()),
+            ("item", expr::from_json(&item)),
+            ("index", MjValue::from(index)),
+        ]));
+        self.wf.templates.render(template, &ctx).map_err(|e| StepError::fatal("expression", e.0))
+    }
 }
 
 impl Work {
@@ -779,8 +868,8 @@ impl Work {
                 let id = format!("{}/{}", parent.run, ctx.step_id());
                 child::run_child(&inner, &parent, id, child, input, &ctx).await
             }
-            Work::Map { child, inputs, concurrency, parent } => {
-                child::run_map(&inner, &parent, child, inputs, concurrency, &ctx).await
+            Work::Map { child, items, inputs, concurrency, parent } => {
+                child::run_map(&inner, &parent, child, items, &inputs, concurrency, &ctx).await
             }
         }
     }

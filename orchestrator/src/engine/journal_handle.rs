@@ -29,12 +29,15 @@ impl RunJournal {
         &self.fence
     }
 
-    fn send(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Ack {
+    async fn send(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Ack {
+        // Room first (the queue is bounded), then number and send without an
+        // await in between, so sequence numbers reach the writer in order.
+        let slot = self.writer.reserve().await;
         let now = self.clock.now_ms();
         let mut next_seq = self.next_seq.lock().expect("journal lock");
         let first_seq = *next_seq;
         *next_seq += events.len() as i64;
-        self.writer.submit(Write::Append {
+        slot.send(Write::Append {
             fence: self.fence.clone(),
             run: self.run.clone(),
             first_seq,
@@ -45,7 +48,7 @@ impl RunJournal {
 
     /// Appends and waits until committed.
     pub async fn commit(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Result<(), CommitError> {
-        wait(self.send(events, update)).await
+        wait(self.send(events, update).await).await
     }
 }
 

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compile::{self, CompileErrors};
 use crate::journal::{Event, RunStatus};
-use crate::store::{self, Fence, JournalEntry, NewRun, RunRecord, RunUpdate, Store, Write};
+use crate::store::{self, Claim, Fence, JournalEntry, NewRun, RunRecord, RunUpdate, Store, Write};
 use crate::workflow::Definition;
 use driver::{DriveError, Driver, Outcome, RunRef};
 pub use writer::CommitError;
@@ -99,12 +99,72 @@ pub struct Submitted {
 pub enum Cancelled {
     /// The run was stopped here.
     Done,
-    /// Another process drives the run; it stops at its next poll.
-    Requested,
+    /// Another process holds the run's lease (until `lease_until`): if it
+    /// is alive it stops the run at its next poll; if it died, whoever takes
+    /// the run over when that lease has expired ends it `cancelled`.
+    Requested {
+        lease_until: Option<i64>,
+    },
     AlreadyFinished(RunStatus),
 }
 
 type Waiter = oneshot::Sender<Result<RunOutcome, String>>;
+
+/// Compiled definitions kept in memory; beyond this the oldest is dropped
+/// (runs using it keep their own reference; it is recompiled when needed).
+const DEFINITIONS_CACHED: usize = 256;
+
+/// A definition cache with first-in, first-out eviction.
+#[derive(Default)]
+struct Definitions {
+    by_hash: HashMap<String, Arc<Definition>>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Definitions {
+    fn get(&self, hash: &str) -> Option<Arc<Definition>> {
+        self.by_hash.get(hash).cloned()
+    }
+
+    fn insert(&mut self, def: Arc<Definition>) {
+        if self.by_hash.insert(def.hash.clone(), def.clone()).is_none() {
+            self.order.push_back(def.hash.clone());
+        }
+        while self.order.len() > DEFINITIONS_CACHED {
+            if let Some(old) = self.order.pop_front() {
+                self.by_hash.remove(&old);
+            }
+        }
+    }
+}
+
+/// Wake-up times of parked runs, soonest first; one per run.
+#[derive(Default)]
+struct Timers {
+    by_time: BTreeSet<(i64, String)>,
+    by_run: HashMap<String, i64>,
+}
+
+impl Timers {
+    fn first(&self) -> Option<(i64, String)> {
+        self.by_time.first().cloned()
+    }
+
+    /// False if the run already has a timer (the earlier one stays).
+    fn insert(&mut self, at: i64, id: String) -> bool {
+        if self.by_run.contains_key(&id) {
+            return false;
+        }
+        self.by_run.insert(id.clone(), at);
+        self.by_time.insert((at, id))
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(at) = self.by_run.remove(id) {
+            self.by_time.remove(&(at, id.to_owned()));
+        }
+    }
+}
 
 /// A root run being driven in this process.
 struct Active {
@@ -121,13 +181,13 @@ pub(crate) struct Inner {
     pub node: String,
     pub options: EngineOptions,
     pub writer: Writer,
-    definitions: Mutex<HashMap<String, Arc<Definition>>>,
+    definitions: Mutex<Definitions>,
     global: Arc<Semaphore>,
     /// Per workflow name: its limit and the slots.
     per_workflow: Mutex<HashMap<String, (u32, Arc<Semaphore>)>>,
     waiters: Mutex<HashMap<String, Vec<Waiter>>>,
     active: Mutex<HashMap<String, Active>>,
-    timers: Mutex<BTreeSet<(i64, String)>>,
+    timers: Mutex<Timers>,
     timer_changed: Notify,
     shutdown: CancellationToken,
 }
@@ -198,6 +258,7 @@ impl Engine {
 
     async fn create_run(&self, def: &Definition, input: Value, key: Option<String>) -> Result<Submitted> {
         def.workflow.check_input(&input).map_err(Error::InvalidInput)?;
+        crate::limits::check(&input).map_err(|why| Error::InvalidInput(vec![format!("input: {why}")]))?;
         let inner = &self.inner;
         let def = inner.remember(def).await?;
         let id = uuid::Uuid::now_v7().to_string();
@@ -227,7 +288,7 @@ impl Engine {
             // Two submits with one key raced; the store kept the other one.
             return Ok(Submitted { id: winner.id, created: false });
         }
-        dispatch(inner, id.clone(), 1, def, Some(journal));
+        dispatch(inner, id.clone(), Claim { epoch: 1, cancel_requested: false }, def, Some(journal));
         Ok(Submitted { id, created: true })
     }
 
@@ -278,18 +339,20 @@ impl Engine {
             cancel.cancel();
             return match self.wait(id).await {
                 Ok(_) => Ok(Cancelled::Done),
-                Err(Error::Interrupted(..)) => Ok(Cancelled::Requested),
+                Err(Error::Interrupted(..)) => Ok(Cancelled::Requested { lease_until: None }),
                 Err(e) => Err(e),
             };
         }
         let now = inner.clock.now_ms();
         inner.store.request_cancel(id, now).await?;
-        let Some(epoch) = inner.store.claim(id, &inner.node, now, inner.lease_until(), false).await? else {
-            return Ok(Cancelled::Requested);
+        let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), false).await?
+        else {
+            let lease_until = inner.store.run(id).await?.and_then(|r| r.lease_until);
+            return Ok(Cancelled::Requested { lease_until });
         };
         // Nobody drives it (parked, queued elsewhere, or its node died): end it here.
-        inner.timers.lock().expect("timers").retain(|(_, r)| r != id);
-        let fence = Fence { root: id.to_owned(), epoch };
+        inner.timers.lock().expect("timers").remove(id);
+        let fence = Fence { root: id.to_owned(), epoch: claim.epoch };
         let error = StepError::fatal("cancelled", "the run was cancelled");
         for run in inner.unfinished_tree(&record).await? {
             let is_root = run.id == id;
@@ -300,7 +363,11 @@ impl Engine {
                 ..Default::default()
             };
             let event = Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) };
-            inner.append(&fence, &run.id, vec![event], update).await?;
+            if let Err(e) = inner.append(&fence, &run.id, vec![event], update).await {
+                // Leave the run to the next owner, with its cancel request.
+                let _ = inner.store.release(&inner.node, &fence).await;
+                return Err(e);
+            }
         }
         inner.notify(
             id,
@@ -327,23 +394,79 @@ impl Engine {
             return Err(Error::Conflict(format!("run {id} is already running here")));
         }
         let now = inner.clock.now_ms();
-        let Some(epoch) = inner.store.claim(id, &inner.node, now, inner.lease_until(), true).await? else {
+        let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), true).await?
+        else {
             return Err(Error::Conflict(format!("run {id} is being run by another process (its lease is live)")));
         };
-        let def = inner.definition(&record.definition).await?;
-        if record.status == RunStatus::Failed {
-            let fence = Fence { root: id.to_owned(), epoch };
-            let mut failed = inner.failed_tree(&record).await?;
-            // Children first, so a parent never sees a half-resumed child.
-            failed.reverse();
-            for run in failed {
-                let update = RunUpdate { status: Some(RunStatus::Running), ..Default::default() };
-                inner.append(&fence, &run.id, vec![Event::RunResumed], update).await?;
+        let fence = Fence { root: id.to_owned(), epoch: claim.epoch };
+        let prepared = async {
+            let def = inner.definition(&record.definition).await?;
+            if record.status == RunStatus::Failed {
+                let mut failed = inner.failed_tree(&record).await?;
+                // Children first, so a parent never sees a half-resumed child.
+                failed.reverse();
+                for run in failed {
+                    let update = RunUpdate { status: Some(RunStatus::Running), ..Default::default() };
+                    inner.append(&fence, &run.id, vec![Event::RunResumed], update).await?;
+                }
+            }
+            Ok::<_, Error>(def)
+        }
+        .await;
+        let def = match prepared {
+            Ok(def) => def,
+            Err(e) => {
+                // Nothing is driving it: give the lease back so it stays resumable.
+                let _ = inner.store.release(&inner.node, &fence).await;
+                return Err(e);
+            }
+        };
+        inner.timers.lock().expect("timers").remove(id);
+        dispatch(inner, id.to_owned(), claim, def, None);
+        Ok(())
+    }
+
+    /// Drives an unfinished run that nobody drives here, waiting until the
+    /// lease of the process that held it expires (it crashed, or still runs
+    /// it: then that process finishes it and this waits for the end).
+    /// `waiting` is told the time the lease runs out each time this waits.
+    /// Returns once the run is driven here or has finished.
+    pub async fn take_over(&self, id: &str, mut waiting: impl FnMut(i64)) -> Result<()> {
+        let inner = &self.inner;
+        loop {
+            if inner.active.lock().expect("active").contains_key(id) {
+                return Ok(());
+            }
+            let record = inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
+            if record.parent_id.is_some() {
+                return Err(Error::Conflict(format!("{id} is a child run; take over its root run {}", record.root_id)));
+            }
+            if record.status.is_finished() {
+                return Ok(());
+            }
+            let now = inner.clock.now_ms();
+            let free = record.owner.is_none() || record.lease_until.is_none_or(|until| until < now);
+            if free {
+                if record.status == RunStatus::Waiting && record.wake_at.is_some_and(|at| at > now) {
+                    // Parked: it wakes here when due.
+                    inner.add_timer(record.wake_at.unwrap_or(now), id.to_owned());
+                    return Ok(());
+                }
+                if pick_up(inner, &record).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let until = record.lease_until.unwrap_or(now);
+            waiting(until);
+            // The lease is compared with the engine clock; wait on it, but
+            // look again at least every poll interval (the run may finish).
+            tokio::select! {
+                _ = inner.clock.sleep_until(until.saturating_add(1)) => {}
+                _ = tokio::time::sleep(inner.options.poll_interval) => {}
+                _ = inner.shutdown.cancelled() => return Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
             }
         }
-        inner.timers.lock().expect("timers").retain(|(_, r)| r != id);
-        dispatch(inner, id.to_owned(), epoch, def, None);
-        Ok(())
     }
 
     /// True when nothing runs here and no unfinished run is left in the store.
@@ -391,28 +514,28 @@ impl Inner {
     /// Stores a definition (once) and caches it compiled.
     async fn remember(&self, def: &Definition) -> Result<Arc<Definition>> {
         if let Some(known) = self.definitions.lock().expect("definitions").get(&def.hash) {
-            return Ok(known.clone());
+            return Ok(known);
         }
         let wf = &def.workflow;
         self.store.put_definition(&def.hash, wf.name(), wf.version(), &def.bundle, self.clock.now_ms()).await?;
         let def = Arc::new(def.clone());
-        self.definitions.lock().expect("definitions").insert(def.hash.clone(), def.clone());
+        self.definitions.lock().expect("definitions").insert(def.clone());
         Ok(def)
     }
 
     /// A stored definition, compiled (cached).
     async fn definition(&self, hash: &str) -> Result<Arc<Definition>> {
         if let Some(known) = self.definitions.lock().expect("definitions").get(hash) {
-            return Ok(known.clone());
+            return Ok(known);
         }
         let bundle = self.store.definition(hash).await?;
         let def = Arc::new(compile::compile_bundle(&bundle, &self.registry).map_err(Error::Definition)?);
-        self.definitions.lock().expect("definitions").insert(hash.to_owned(), def.clone());
+        self.definitions.lock().expect("definitions").insert(def.clone());
         Ok(def)
     }
 
     async fn append(&self, fence: &Fence, run: &str, events: Vec<Event>, update: RunUpdate) -> Result<()> {
-        let first_seq = self.store.journal(run).await?.last().map(|e| e.seq + 1).unwrap_or(0);
+        let first_seq = self.store.next_seq(run).await?;
         let now = self.clock.now_ms();
         let write = Write::Append {
             fence: fence.clone(),
@@ -454,13 +577,9 @@ impl Inner {
     }
 
     fn add_timer(&self, at: i64, id: String) {
-        let mut timers = self.timers.lock().expect("timers");
-        if timers.iter().any(|(_, r)| *r == id) {
-            return;
+        if self.timers.lock().expect("timers").insert(at, id) {
+            self.timer_changed.notify_one();
         }
-        timers.insert((at, id));
-        drop(timers);
-        self.timer_changed.notify_one();
     }
 
     /// The slots of a workflow with a `concurrency` limit. A definition with
@@ -480,8 +599,17 @@ impl Inner {
 
 /// Starts driving a claimed root run (after its concurrency slots are free).
 /// `journal` is the run's journal when the caller has just written all of it.
-fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, journal: Option<Vec<JournalEntry>>) {
+///
+/// Every way the drive can end (finished, parked, fenced, an engine error,
+/// a panic) takes the run out of the active set, tells its waiters, and
+/// leaves the run resumable: unless another node took it over, the lease is
+/// given back so a worker or `runs resume` can continue at once.
+fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, journal: Option<Vec<JournalEntry>>) {
     let token = CancellationToken::new();
+    if claim.cancel_requested {
+        // A cancel requested while nobody drove the run wins over the takeover.
+        token.cancel();
+    }
     {
         let mut active = inner.active.lock().expect("active");
         if active.contains_key(&id) {
@@ -493,6 +621,10 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, jo
     let task_id = id.clone();
     let task = tokio::spawn(async move {
         let (inner, id) = (task_inner, task_id);
+        let fence = Fence { root: id.clone(), epoch: claim.epoch };
+        // A run that must wait for a slot does not keep its journal meanwhile:
+        // it is read back when the run starts.
+        let journal = journal.filter(|_| inner.global.available_permits() > 0);
         // Queued until a slot is free; a cancelled run does not wait for one.
         let permits = async {
             let global = inner.global.clone().acquire_owned().await;
@@ -506,13 +638,8 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, jo
             p = permits => (Some(p.0), p.1),
             _ = token.cancelled() => (None, None),
         };
-        let run = RunRef {
-            id: id.clone(),
-            is_root: true,
-            definition: def.hash.as_str().into(),
-            fence: Fence { root: id.clone(), epoch },
-        };
-        let result = async {
+        let run = RunRef { id: id.clone(), is_root: true, definition: def.hash.as_str().into(), fence: fence.clone() };
+        let drive = async {
             let driver = match journal {
                 Some(entries) => {
                     Driver::from_journal(inner.clone(), run, def.workflow.clone(), token.clone(), &entries)?
@@ -520,8 +647,14 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, jo
                 None => Driver::load(inner.clone(), run, def.workflow.clone(), token.clone()).await?,
             };
             driver.drive().await
-        }
-        .await;
+        };
+        // A panic in the driver is a bug, but it must not strand the run.
+        let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(drive)).await {
+            Ok(result) => result,
+            Err(panic) => {
+                Err(DriveError::Invalid(id.clone(), format!("the driver panicked: {}", panic_message(&panic))))
+            }
+        };
         drop((global, per_workflow));
         inner.active.lock().expect("active").remove(&id);
         match result {
@@ -534,7 +667,10 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, jo
                 inner.notify(&id, Err("its lease was lost; another process continues it".into()));
             }
             Err(e) => {
-                tracing::error!(run = %id, error = %e, "run stopped by an engine error; resume it later");
+                tracing::error!(run = %id, error = %e, "run stopped by an engine error; it can be resumed");
+                if let Err(release) = inner.store.release(&inner.node, &fence).await {
+                    tracing::warn!(run = %id, error = %release, "releasing the lease; it expires by itself");
+                }
                 inner.notify(&id, Err(e.to_string()));
             }
         }
@@ -544,32 +680,58 @@ fn dispatch(inner: &Arc<Inner>, id: String, epoch: i64, def: Arc<Definition>, jo
     }
 }
 
-/// Claims a run found in the store and drives it.
-async fn pick_up(inner: &Arc<Inner>, id: &str) -> Result<()> {
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+/// Claims a run found in the store (as `record` shows it) and drives it.
+/// False if the claim lost: another process, or another path here, took it.
+async fn pick_up(inner: &Arc<Inner>, record: &RunRecord) -> Result<bool> {
+    let id = record.id.as_str();
     if inner.active.lock().expect("active").contains_key(id) {
+        return Ok(false);
+    }
+    let now = inner.clock.now_ms();
+    let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), false).await? else {
+        // Finished or taken meanwhile: waiters here learn of the end from the poll.
+        return Ok(false);
+    };
+    let def = match inner.definition(&record.definition).await {
+        Ok(def) => def,
+        Err(e) => {
+            let _ = inner.store.release(&inner.node, &Fence { root: id.to_owned(), epoch: claim.epoch }).await;
+            return Err(e);
+        }
+    };
+    tracing::info!(run = %id, workflow = %record.workflow, "picking up run");
+    dispatch(inner, id.to_owned(), claim, def, None);
+    Ok(true)
+}
+
+/// Wakes a parked run whose timer fired here.
+async fn wake(inner: &Arc<Inner>, id: &str) -> Result<()> {
+    let Some(record) = inner.store.run(id).await? else { return Ok(()) };
+    if record.status.is_finished() {
         return Ok(());
     }
-    let Some(epoch) = inner.store.claim(id, &inner.node, inner.clock.now_ms(), inner.lease_until(), false).await?
-    else {
-        // Finished or taken by another process: waiters here learn of the end
-        // from the poll.
-        return Ok(());
-    };
-    let Some(record) = inner.store.run(id).await? else { return Ok(()) };
-    let def = inner.definition(&record.definition).await?;
-    tracing::info!(run = %id, workflow = %record.workflow, "picking up run");
-    dispatch(inner, id.to_owned(), epoch, def, None);
-    Ok(())
+    pick_up(inner, &record).await.map(|_| ())
 }
 
 async fn timer_loop(inner: Arc<Inner>) {
     loop {
-        let next = inner.timers.lock().expect("timers").first().cloned();
+        let next = inner.timers.lock().expect("timers").first();
         let changed = inner.timer_changed.notified();
         match next {
             Some((at, id)) if at <= inner.clock.now_ms() => {
-                inner.timers.lock().expect("timers").remove(&(at, id.clone()));
-                if let Err(e) = pick_up(&inner, &id).await {
+                inner.timers.lock().expect("timers").remove(&id);
+                if let Err(e) = wake(&inner, &id).await {
                     tracing::error!(run = %id, error = %e, "waking run");
                 }
                 continue;
@@ -600,7 +762,9 @@ async fn lease_loop(inner: Arc<Inner>) {
             _ = tokio::time::sleep(every) => {}
             _ = inner.shutdown.cancelled() => return,
         }
-        if let Err(e) = inner.store.renew(&inner.node, inner.lease_until()).await {
+        // Only the runs driven here: a run whose driver ended keeps no lease.
+        let ids: Vec<String> = inner.active.lock().expect("active").keys().cloned().collect();
+        if let Err(e) = inner.store.renew(&inner.node, &ids, inner.lease_until()).await {
             tracing::warn!(error = %e, "renewing leases");
         }
     }
@@ -643,10 +807,16 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
         return Ok(());
     }
     let now = inner.clock.now_ms();
+    // Runs parked by any process wake here on time; the soonest first, so
+    // many far-off ones cannot hide a near one.
+    for (id, at) in inner.store.next_wakes(now, 256).await? {
+        inner.add_timer(at, id);
+    }
     for run in inner.store.claimable(now, 256).await? {
-        match run.wake_at {
-            Some(at) if run.status == RunStatus::Waiting && at > now => inner.add_timer(at, run.id),
-            _ => pick_up(inner, &run.id).await?,
+        // One run that cannot be picked up (its definition no longer
+        // compiles, a busy database) does not stop the others.
+        if let Err(e) = pick_up(inner, &run).await {
+            tracing::warn!(run = %run.id, error = %e, "picking up run");
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! not one per step.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use switchyard_steps::Clock;
 use tokio::sync::{mpsc, oneshot};
@@ -24,6 +25,14 @@ pub enum CommitError {
 
 pub(crate) type Ack = oneshot::Receiver<Result<(), CommitError>>;
 
+/// Writes waiting for the writer at most; senders wait for room (back-pressure).
+const QUEUE: usize = 8192;
+
+/// Tries of a batch whose commit failed with a transient error (busy,
+/// locked, I/O), with doubling pauses from [`RETRY_PAUSE`].
+const TRANSIENT_TRIES: u32 = 6;
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
 struct Request {
     write: Write,
     ack: oneshot::Sender<Result<(), CommitError>>,
@@ -31,36 +40,56 @@ struct Request {
 
 #[derive(Clone)]
 pub(crate) struct Writer {
-    tx: mpsc::UnboundedSender<Request>,
+    tx: mpsc::Sender<Request>,
+}
+
+/// Room for one write in the writer's queue, reserved ahead so that a
+/// caller can number its events and send them without waiting in between.
+pub(crate) struct Slot<'a> {
+    permit: Option<mpsc::Permit<'a, Request>>,
+}
+
+impl Slot<'_> {
+    /// Queues a write; the returned ack resolves once it is committed.
+    pub fn send(self, write: Write) -> Ack {
+        let (ack, rx) = oneshot::channel();
+        match self.permit {
+            Some(permit) => permit.send(Request { write, ack }),
+            None => {
+                let _ = ack.send(Err(stopped()));
+            }
+        }
+        rx
+    }
+}
+
+fn stopped() -> CommitError {
+    CommitError::Failed("the journal writer has stopped".into())
 }
 
 impl Writer {
     pub fn start(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(run(store, node, clock, rx));
         Self { tx }
     }
 
-    /// Queues a write; the returned ack resolves once it is committed.
-    pub fn submit(&self, write: Write) -> Ack {
-        let (ack, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(req)) = self.tx.send(Request { write, ack }) {
-            let _ = req.ack.send(Err(CommitError::Failed("the journal writer has stopped".into())));
-        }
-        rx
+    /// Waits for room in the queue.
+    pub async fn reserve(&self) -> Slot<'_> {
+        Slot { permit: self.tx.reserve().await.ok() }
     }
 
     /// Queues a write and waits for its commit.
     pub async fn commit(&self, write: Write) -> Result<(), CommitError> {
-        wait(self.submit(write)).await
+        wait(self.reserve().await.send(write)).await
     }
 }
 
 pub(crate) async fn wait(ack: Ack) -> Result<(), CommitError> {
-    ack.await.unwrap_or_else(|_| Err(CommitError::Failed("the journal writer has stopped".into())))
+    ack.await.unwrap_or_else(|_| Err(stopped()))
 }
 
-async fn run(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, mut rx: mpsc::UnboundedReceiver<Request>) {
+async fn run(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, mut rx: mpsc::Receiver<Request>) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -71,25 +100,72 @@ async fn run(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, mut rx:
             }
         }
         let (writes, acks): (Vec<Write>, Vec<_>) = batch.drain(..).map(|r| (r.write, r.ack)).unzip();
+        let results = commit_batch(store.as_ref(), &node, clock.as_ref(), &writes).await;
+        for (ack, result) in acks.into_iter().zip(results) {
+            let _ = ack.send(result);
+        }
+    }
+}
+
+/// Commits a batch, retrying transient failures. If the batch still fails,
+/// each write is committed on its own, so one bad write fails only itself.
+async fn commit_batch(
+    store: &dyn Store,
+    node: &str,
+    clock: &dyn Clock,
+    writes: &[Write],
+) -> Vec<Result<(), CommitError>> {
+    match commit_retrying(store, node, clock, writes).await {
+        Ok(results) => results.into_iter().map(|r| r.map_err(commit_error)).collect(),
+        Err(e) if writes.len() == 1 => vec![Err(commit_error(e))],
+        Err(e) => {
+            tracing::warn!(error = %e, writes = writes.len(), "group commit failed; committing its writes one by one");
+            let mut out = Vec::with_capacity(writes.len());
+            for write in writes {
+                let result = match commit_retrying(store, node, clock, std::slice::from_ref(write)).await {
+                    Ok(mut results) => results.pop().unwrap_or(Ok(())).map_err(commit_error),
+                    Err(e) => Err(commit_error(e)),
+                };
+                out.push(result);
+            }
+            out
+        }
+    }
+}
+
+async fn commit_retrying(
+    store: &dyn Store,
+    node: &str,
+    clock: &dyn Clock,
+    writes: &[Write],
+) -> store::Result<Vec<store::Result<()>>> {
+    let mut pause = RETRY_PAUSE;
+    let mut tries = 1;
+    loop {
         let started = std::time::Instant::now();
-        let result = store.commit(&node, clock.now_ms(), &writes).await;
-        tracing::trace!(writes = writes.len(), micros = started.elapsed().as_micros() as u64, "group commit");
-        match result {
+        match store.commit(node, clock.now_ms(), writes).await {
             Ok(results) => {
-                for (ack, result) in acks.into_iter().zip(results) {
-                    let _ = ack.send(result.map_err(|e| match e {
-                        store::Error::Fenced(run) => CommitError::Fenced(run),
-                        other => CommitError::Failed(other.to_string()),
-                    }));
-                }
+                tracing::trace!(writes = writes.len(), micros = started.elapsed().as_micros() as u64, "group commit");
+                return Ok(results);
+            }
+            Err(e) if e.is_transient() && tries < TRANSIENT_TRIES => {
+                tracing::warn!(error = %e, writes = writes.len(), "journal commit failed; trying again");
+                // Real time: this waits for the disk or another process, not for the run's clock.
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
             }
             Err(e) => {
-                tracing::error!(error = %e, writes = acks.len(), "journal commit failed");
-                let e = CommitError::Failed(e.to_string());
-                for ack in acks {
-                    let _ = ack.send(Err(e.clone()));
-                }
+                tracing::error!(error = %e, writes = writes.len(), "journal commit failed");
+                return Err(e);
             }
         }
+    }
+}
+
+fn commit_error(e: store::Error) -> CommitError {
+    match e {
+        store::Error::Fenced(run) => CommitError::Fenced(run),
+        other => CommitError::Failed(other.to_string()),
     }
 }

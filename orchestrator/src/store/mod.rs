@@ -19,8 +19,10 @@ pub use sqlite::{SqliteOptions, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The driver's message already says what went wrong; it is not exposed
+    /// as a source too, so error chains print it once.
     #[error("database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("run {0} is owned by another node (lease lost)")]
     Fenced(String),
     #[error("no run {0:?}")]
@@ -31,7 +33,39 @@ pub enum Error {
     Schema(String),
 }
 
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Db(e)
+    }
+}
+
+impl Error {
+    /// Worth trying again: the database was busy or locked by another
+    /// process, or an I/O error that may pass (a full disk being cleared).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Db(sqlx::Error::Database(e)) => {
+                // SQLite primary result codes: BUSY 5, LOCKED 6, IOERR 10, FULL 13
+                // (extended codes carry the primary one in their low byte).
+                let code = e.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
+                matches!(code, Some(5 | 6 | 10 | 13))
+            }
+            Error::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A claim taken by [`Store::claim`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// The new epoch: every write under this claim carries it.
+    pub epoch: i64,
+    /// Someone asked to cancel the run: the new owner ends it `cancelled`.
+    pub cancel_requested: bool,
+}
 
 /// The claim a write relies on: root run and epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,23 +155,35 @@ pub trait Store: Send + Sync + 'static {
     async fn runs(&self, status: Option<RunStatus>, include_children: bool, limit: i64) -> Result<Vec<RunRecord>>;
     async fn children(&self, parent: &str) -> Result<Vec<RunRecord>>;
     async fn journal(&self, id: &str) -> Result<Vec<JournalEntry>>;
+    /// The sequence number the next event of run `id` gets (0 for none).
+    async fn next_seq(&self, id: &str) -> Result<i64>;
 
-    /// Takes the lease of a root run that is unowned or whose lease expired,
-    /// returning the new epoch. `None` if another node holds it or the run is
-    /// finished (unless `allow_finished`, used by resume).
+    /// Takes the lease of a root run, as a compare-and-set on the epoch the
+    /// caller last saw (`seen_epoch`): of two claims that saw the same epoch,
+    /// at most one succeeds, even from one node. The run must be unowned,
+    /// owned by `node`, or its lease expired. `None` if the claim lost, or
+    /// the run is finished (unless `allow_finished`, used by resume).
     async fn claim(
         &self,
         id: &str,
         node: &str,
+        seen_epoch: i64,
         now: i64,
         lease_until: i64,
         allow_finished: bool,
-    ) -> Result<Option<i64>>;
-    /// Root runs a worker should pick up: unfinished, not leased (or lease
-    /// expired). Waiting runs are included with their `wake_at`.
+    ) -> Result<Option<Claim>>;
+    /// Root runs a worker should pick up now, most overdue first: parked runs
+    /// whose `wake_at` has come, and unfinished runs nobody holds (unowned,
+    /// or their owner's lease expired). Parked runs not yet due are not
+    /// returned.
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>>;
-    /// Extends the leases of every run this node owns.
-    async fn renew(&self, node: &str, lease_until: i64) -> Result<u64>;
+    /// Parked root runs nobody holds that are due after `now`, soonest
+    /// first, as `(id, wake_at)`: a worker sets its timers from them.
+    async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>>;
+    /// Extends the leases of the runs `ids` that this node owns.
+    async fn renew(&self, node: &str, ids: &[String], lease_until: i64) -> Result<u64>;
+    /// Gives up one run's lease, if still held under `fence`.
+    async fn release(&self, node: &str, fence: &Fence) -> Result<()>;
     /// Releases every lease of this node (clean shutdown).
     async fn release_all(&self, node: &str) -> Result<()>;
     /// Runs owned by `node` whose cancellation was requested.

@@ -12,11 +12,14 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-use super::{Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Store, Write};
+use super::{Claim, Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Store, Write};
 use crate::journal::{Event, RunStatus};
 use crate::workflow::Bundle;
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_indexes.sql")),
+];
 
 /// Rows per multi-row INSERT (5 binds each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 500;
@@ -64,22 +67,24 @@ impl SqliteStore {
     }
 }
 
+/// Brings the schema up to date. Reading the version takes no write lock,
+/// so a database already at the latest schema opens while another process
+/// holds the write lock (a `run` in the middle of a commit); only a real
+/// migration takes it.
 async fn migrate(pool: &SqlitePool) -> Result<()> {
+    let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let mut conn = pool.acquire().await?;
+    if check_version(schema_version(&mut conn).await?, latest)? == latest {
+        return Ok(());
+    }
+    let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
     )
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let current: Option<i64> =
-        sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *tx).await?;
-    let current = current.unwrap_or(0);
-    let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-    if current > latest {
-        return Err(Error::Schema(format!(
-            "the database is at schema version {current}, newer than this binary knows ({latest}); upgrade switchyard"
-        )));
-    }
+    // Another process may have migrated meanwhile.
+    let current = check_version(schema_version(&mut tx).await?, latest)?;
     for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
         sqlx::raw_sql(*sql).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, CAST(unixepoch('subsec') * 1000 AS INTEGER))")
@@ -89,6 +94,28 @@ async fn migrate(pool: &SqlitePool) -> Result<()> {
     }
     tx.commit().await?;
     Ok(())
+}
+
+async fn schema_version(conn: &mut sqlx::SqliteConnection) -> Result<i64> {
+    let table: Option<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+            .fetch_optional(&mut *conn)
+            .await?;
+    if table.is_none() {
+        return Ok(0);
+    }
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations").fetch_one(&mut *conn).await?;
+    Ok(current.unwrap_or(0))
+}
+
+fn check_version(current: i64, latest: i64) -> Result<i64> {
+    if current > latest {
+        return Err(Error::Schema(format!(
+            "the database is at schema version {current}, newer than this binary knows ({latest}); upgrade switchyard"
+        )));
+    }
+    Ok(current)
 }
 
 fn json_text(v: &Value) -> String {
@@ -257,35 +284,49 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn next_seq(&self, id: &str) -> Result<i64> {
+        let next: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq) + 1, 0) FROM journal WHERE run_id = ?")
+            .bind(id)
+            .fetch_one(&self.read)
+            .await?;
+        Ok(next)
+    }
+
     async fn claim(
         &self,
         id: &str,
         node: &str,
+        seen_epoch: i64,
         now: i64,
         lease_until: i64,
         allow_finished: bool,
-    ) -> Result<Option<i64>> {
-        let epoch: Option<i64> = sqlx::query_scalar(
+    ) -> Result<Option<Claim>> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
             "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_until = ?, updated_at = ? \
-             WHERE id = ? AND parent_id IS NULL AND (owner IS NULL OR owner = ? OR lease_until < ?) \
-             AND (? OR status NOT IN ('succeeded', 'failed', 'cancelled')) RETURNING epoch",
+             WHERE id = ? AND parent_id IS NULL AND epoch = ? AND (owner IS NULL OR owner = ? OR lease_until < ?) \
+             AND (? OR status NOT IN ('succeeded', 'failed', 'cancelled')) RETURNING epoch, cancel_requested",
         )
         .bind(node)
         .bind(lease_until)
         .bind(now)
         .bind(id)
+        .bind(seen_epoch)
         .bind(node)
         .bind(now)
         .bind(allow_finished)
         .fetch_optional(&self.write)
         .await?;
-        Ok(epoch)
+        Ok(row.map(|(epoch, cancel)| Claim { epoch, cancel_requested: cancel != 0 }))
     }
 
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>> {
         let rows = sqlx::query(select_runs!(
-            "WHERE parent_id IS NULL AND status IN ('queued', 'running', 'waiting') \
-             AND (owner IS NULL OR lease_until < ?) ORDER BY created_at LIMIT ?"
+            "WHERE parent_id IS NULL AND ( \
+               (status = 'waiting' AND owner IS NULL AND wake_at <= ?1) \
+               OR (status IN ('queued', 'running') AND owner IS NULL) \
+               OR (status IN ('queued', 'running', 'waiting') AND owner IS NOT NULL AND lease_until < ?1)) \
+             ORDER BY CASE WHEN owner IS NULL AND status = 'waiting' THEN wake_at \
+                      WHEN owner IS NULL THEN updated_at ELSE lease_until END, id LIMIT ?2"
         ))
         .bind(now)
         .bind(limit)
@@ -294,13 +335,40 @@ impl Store for SqliteStore {
         rows.iter().map(record).collect()
     }
 
-    async fn renew(&self, node: &str, lease_until: i64) -> Result<u64> {
-        let done = sqlx::query("UPDATE runs SET lease_until = ? WHERE owner = ?")
-            .bind(lease_until)
+    async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as(
+            "SELECT id, wake_at FROM runs WHERE parent_id IS NULL AND status = 'waiting' AND owner IS NULL \
+             AND wake_at > ? ORDER BY wake_at, id LIMIT ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    async fn renew(&self, node: &str, ids: &[String], lease_until: i64) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = serde_json::to_string(ids).expect("strings serialize");
+        let done =
+            sqlx::query("UPDATE runs SET lease_until = ? WHERE owner = ? AND id IN (SELECT value FROM json_each(?))")
+                .bind(lease_until)
+                .bind(node)
+                .bind(ids)
+                .execute(&self.write)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release(&self, node: &str, fence: &Fence) -> Result<()> {
+        sqlx::query("UPDATE runs SET owner = NULL, lease_until = NULL WHERE id = ? AND owner = ? AND epoch = ?")
+            .bind(&fence.root)
             .bind(node)
+            .bind(fence.epoch)
             .execute(&self.write)
             .await?;
-        Ok(done.rows_affected())
+        Ok(())
     }
 
     async fn release_all(&self, node: &str) -> Result<()> {

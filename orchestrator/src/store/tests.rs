@@ -62,8 +62,8 @@ async fn a_node_that_lost_its_lease_cannot_write() {
     let a = Fence { root: "r1".into(), epoch: 1 };
 
     // Node b cannot claim while a's lease is live, and can once it expired.
-    assert_eq!(store.claim("r1", "b", 500, 2_000, false).await.unwrap(), None);
-    assert_eq!(store.claim("r1", "b", 1_500, 2_000, false).await.unwrap(), Some(2));
+    assert_eq!(store.claim("r1", "b", 1, 500, 2_000, false).await.unwrap(), None);
+    assert_eq!(store.claim("r1", "b", 1, 1_500, 2_000, false).await.unwrap().map(|c| c.epoch), Some(2));
 
     // a's writes are now rejected, b's accepted, both in one batch.
     let b = Fence { root: "r1".into(), epoch: 2 };
@@ -91,7 +91,7 @@ async fn a_node_that_lost_its_lease_cannot_write() {
     assert!(store.commit("b", 1_700, &[finish]).await.unwrap()[0].is_ok());
     let run = store.run("r1").await.unwrap().unwrap();
     assert_eq!((run.status, run.owner, run.output), (RunStatus::Succeeded, None, Some(json!(1))));
-    assert_eq!(store.claim("r1", "c", 1_800, 3_000, false).await.unwrap(), None, "finished runs are not claimed");
+    assert_eq!(store.claim("r1", "c", 2, 1_800, 3_000, false).await.unwrap(), None, "finished runs are not claimed");
     assert!(store.claimable(1_800, 10).await.unwrap().is_empty());
 }
 
@@ -113,9 +113,86 @@ async fn renewing_keeps_a_lease_and_releasing_frees_it() {
     store.put_definition("h", "w", 1, &Bundle::default(), 0).await.unwrap();
     let create = Write::Create { fence: None, run: new_run("r1", "a"), events: started() };
     store.commit("a", 0, &[create]).await.unwrap();
-    assert_eq!(store.renew("a", 5_000).await.unwrap(), 1);
-    assert_eq!(store.claim("r1", "b", 2_000, 9_000, false).await.unwrap(), None);
+    assert_eq!(store.renew("a", &["other".into()], 5_000).await.unwrap(), 0, "only the runs named are renewed");
+    assert_eq!(store.renew("a", &["r1".into()], 5_000).await.unwrap(), 1);
+    assert_eq!(store.claim("r1", "b", 1, 2_000, 9_000, false).await.unwrap(), None);
     store.release_all("a").await.unwrap();
     assert_eq!(store.claimable(2_000, 10).await.unwrap().len(), 1);
-    assert_eq!(store.claim("r1", "b", 2_000, 9_000, false).await.unwrap(), Some(2));
+    assert_eq!(store.claim("r1", "b", 1, 2_000, 9_000, false).await.unwrap().map(|c| c.epoch), Some(2));
+    store.release("b", &Fence { root: "r1".into(), epoch: 1 }).await.unwrap();
+    assert_eq!(store.run("r1").await.unwrap().unwrap().owner.as_deref(), Some("b"), "a stale fence releases nothing");
+    store.release("b", &Fence { root: "r1".into(), epoch: 2 }).await.unwrap();
+    assert_eq!(store.run("r1").await.unwrap().unwrap().owner, None);
+}
+
+#[tokio::test]
+async fn a_claim_is_a_compare_and_set_on_the_epoch() {
+    let (store, _dir) = open("cas").await;
+    store.put_definition("h", "w", 1, &Bundle::default(), 0).await.unwrap();
+    let create = Write::Create { fence: None, run: new_run("r1", "a"), events: started() };
+    store.commit("a", 0, &[create]).await.unwrap();
+    // Two claims by the same node that both saw epoch 1: one wins.
+    let first = store.claim("r1", "a", 1, 10, 5_000, false).await.unwrap();
+    let second = store.claim("r1", "a", 1, 10, 5_000, false).await.unwrap();
+    assert_eq!(first.map(|c| c.epoch), Some(2));
+    assert_eq!(second, None);
+    // A cancel request travels with the next claim.
+    store.request_cancel("r1", 20).await.unwrap();
+    let claim = store.claim("r1", "a", 2, 30, 5_000, false).await.unwrap().unwrap();
+    assert!(claim.cancel_requested);
+    assert_eq!(store.next_seq("r1").await.unwrap(), 1);
+    assert_eq!(store.next_seq("nothing").await.unwrap(), 0);
+}
+
+fn parked(id: &str, wake_at: i64, created: i64) -> [Write; 2] {
+    let mut run = new_run(id, "a");
+    run.owner = None;
+    run.lease_until = None;
+    let fence = Fence { root: id.into(), epoch: 1 };
+    let mut started = started();
+    started[0].0 = created;
+    [
+        Write::Create { fence: None, run: NewRun { owner: Some("a".into()), ..run }, events: started },
+        Write::Append {
+            fence,
+            run: id.into(),
+            first_seq: 1,
+            events: vec![(created, Event::RunParked { wake_at })],
+            update: Some(RunUpdate {
+                status: Some(RunStatus::Waiting),
+                wake_at: Some(wake_at),
+                release: true,
+                ..Default::default()
+            }),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn claimable_runs_are_the_due_and_the_orphaned_most_overdue_first() {
+    let (store, _dir) = open("claimable").await;
+    store.put_definition("h", "w", 1, &Bundle::default(), 0).await.unwrap();
+    // 300 older runs parked far in the future must not hide the due ones.
+    let mut writes = Vec::new();
+    for i in 0..300 {
+        writes.extend(parked(&format!("later{i:03}"), 1_000_000, i));
+    }
+    writes.extend(parked("due_late", 900, 400));
+    writes.extend(parked("due_early", 100, 500));
+    // An orphan: owned by a node whose lease expired at 50.
+    let mut orphan = new_run("orphan", "dead");
+    orphan.lease_until = Some(50);
+    writes.push(Write::Create { fence: None, run: orphan, events: started() });
+    // Creates first: a fence is checked against the runs owned when the batch starts.
+    let (creates, appends): (Vec<Write>, Vec<Write>) =
+        writes.into_iter().partition(|w| matches!(w, Write::Create { .. }));
+    assert!(store.commit("a", 600, &creates).await.unwrap().iter().all(|r| r.is_ok()));
+    assert!(store.commit("a", 600, &appends).await.unwrap().iter().all(|r| r.is_ok()));
+    let ids: Vec<String> = store.claimable(1_000, 2).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["orphan", "due_early"]);
+    let ids: Vec<String> = store.claimable(1_000, 10).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(ids, ["orphan", "due_early", "due_late"]);
+    let next = store.next_wakes(1_000, 2).await.unwrap();
+    assert_eq!(next, [("later000".to_owned(), 1_000_000), ("later001".to_owned(), 1_000_000)]);
+    assert_eq!(store.next_wakes(0, 1).await.unwrap(), [("due_early".to_owned(), 100)]);
 }

@@ -14,6 +14,9 @@ const METHODS: [&str; 7] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OP
 /// when the response is JSON. Non-2xx responses fail the attempt; 429, 5xx,
 /// timeouts and connection errors are retryable. Sends the step's idempotency
 /// key as `Idempotency-Key` unless the workflow sets that header itself.
+/// Redirects are the client's business (the reqwest adapter follows up to 10
+/// and keeps credentials with their origin); adapter errors arrive with URLs
+/// already redacted and are passed on as they are.
 pub struct Http {
     client: Arc<dyn HttpClient>,
 }
@@ -206,6 +209,34 @@ mod tests {
                     assert_eq!(e.retryable, retryable, "status {status}");
                     assert_eq!(e.code, format!("http_{status}"));
                 }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    struct Failing(HttpError);
+
+    #[async_trait]
+    impl HttpClient for Failing {
+        async fn send(&self, _: HttpRequest) -> Result<HttpResponse, HttpError> {
+            Err(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn classifies_client_errors() {
+        for (error, code, retryable) in [
+            (HttpError::Invalid("m".into()), "http_invalid", false),
+            (HttpError::Connect("m".into()), "http_connect", true),
+            (HttpError::Timeout(Duration::from_secs(1)), "http_timeout", true),
+            // Retrying cannot shrink a body.
+            (HttpError::TooLarge("m".into()), "http_too_large", false),
+            (HttpError::Other("m".into()), "http_error", true),
+        ] {
+            let step = Http::new(Arc::new(Failing(error)));
+            let mut ctx = context(Arc::new(ManualClock::new(0)), Arc::new(MemorySink::default()));
+            match DynStep::run(&step, json!({"url": "http://127.0.0.1:1/x"}), &mut ctx).await.unwrap_err() {
+                Stop::Error(e) => assert_eq!((e.code.as_str(), e.retryable), (code, retryable)),
                 other => panic!("unexpected {other:?}"),
             }
         }
