@@ -4,5 +4,6 @@
 mod cli;
 mod engine;
 mod examples;
+mod hardening;
 mod http;
 mod support;

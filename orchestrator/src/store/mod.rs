@@ -31,6 +31,9 @@ pub enum Error {
     Corrupt(String),
     #[error("database schema: {0}")]
     Schema(String),
+    /// Busy, locked or unreachable for now: worth trying again.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl From<sqlx::Error> for Error {
@@ -50,7 +53,7 @@ impl Error {
                 let code = e.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
                 matches!(code, Some(5 | 6 | 10 | 13))
             }
-            Error::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => true,
+            Error::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) | Error::Unavailable(_) => true,
             _ => false,
         }
     }
