@@ -177,6 +177,13 @@ enum RunsCommand {
     Cancel { run: String },
 }
 
+/// Who is acting, for the journal: `cli:<login name>`.
+fn actor() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    let user: String = user.chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).take(64).collect();
+    if user.is_empty() { "cli".to_owned() } else { format!("cli:{user}") }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -532,7 +539,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
         }
         RunsCommand::Resume { run } => {
             let engine = engine(cli, store, registry()?, false);
-            match engine.resume(run).await {
+            match engine.resume_as(run, Some(&actor())).await {
                 Ok(()) => {}
                 Err(e @ (EngineError::NotFound(_) | EngineError::Conflict(_))) => {
                     errln!("error: {}", printable_lines(&e.to_string()));
@@ -545,7 +552,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
         }
         RunsCommand::Cancel { run } => {
             let engine = engine(cli, store, registry()?, false);
-            let result = match engine.cancel(run).await {
+            let result = match engine.cancel_as(run, Some(&actor())).await {
                 Ok(r) => r,
                 Err(e @ (EngineError::NotFound(_) | EngineError::Conflict(_))) => {
                     errln!("error: {}", printable_lines(&e.to_string()));

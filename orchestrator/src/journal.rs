@@ -56,8 +56,17 @@ pub enum Event {
     RunParked {
         wake_at: i64,
     },
-    /// A failed run was resumed by a user.
-    RunResumed,
+    /// A failed run was resumed; `actor` is who asked (`cli:alice`).
+    RunResumed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        actor: Option<String>,
+    },
+    /// Someone asked to cancel the run; written just before its
+    /// `run_finished {cancelled}`.
+    CancelRequested {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        actor: Option<String>,
+    },
     RunFinished {
         status: RunStatus,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,10 +88,42 @@ impl Event {
             Event::StepSuspended { .. } => "step_suspended",
             Event::StepSkipped { .. } => "step_skipped",
             Event::RunParked { .. } => "run_parked",
-            Event::RunResumed => "run_resumed",
+            Event::RunResumed { .. } => "run_resumed",
+            Event::CancelRequested { .. } => "cancel_requested",
             Event::RunFinished { .. } => "run_finished",
         }
     }
+}
+
+/// An event as stored: when, its tag, and its payload (JSON text).
+///
+/// [`Encoded::new`] and [`decode`] are the one codec of the journal: the
+/// engine encodes before a write reaches any store backend, and backends
+/// decode through [`decode`], so sealing (encryption at rest) and the audit
+/// hash chain each have a single choke point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub at: i64,
+    pub kind: &'static str,
+    pub payload: String,
+}
+
+impl Encoded {
+    pub fn new(at: i64, event: &Event) -> Self {
+        // An `Event` holds JSON values and strings only: it always serializes.
+        let payload = serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"type\":\"invalid\",\"e\":{e:?}}}"));
+        Self { at, kind: event.tag(), payload }
+    }
+
+    /// Events that happened at one time.
+    pub fn all(at: i64, events: &[Event]) -> Vec<Self> {
+        events.iter().map(|e| Self::new(at, e)).collect()
+    }
+}
+
+/// Decodes a stored payload.
+pub fn decode(payload: &str) -> Result<Event, String> {
+    serde_json::from_str(payload).map_err(|e| e.to_string())
 }
 
 /// Status of a run, stored in `runs.status`.
@@ -151,13 +192,18 @@ mod tests {
                 retry_at: Some(5),
                 continued: false,
             },
-            Event::RunResumed,
+            Event::RunResumed { actor: Some("cli:alice".into()) },
+            Event::CancelRequested { actor: None },
             Event::RunFinished { status: RunStatus::Succeeded, output: Some(json!(1)), error: None },
         ];
         for e in events {
             let v = serde_json::to_value(&e).unwrap();
             assert_eq!(v["type"], e.tag());
             assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
+            let encoded = Encoded::new(5, &e);
+            assert_eq!((encoded.kind, decode(&encoded.payload).unwrap()), (e.tag(), e));
         }
+        // Journals written before `actor` existed still read.
+        assert_eq!(decode(r#"{"type":"run_resumed"}"#).unwrap(), Event::RunResumed { actor: None });
     }
 }

@@ -107,6 +107,28 @@ impl StepContext {
         T: Serialize + DeserializeOwned,
         F: Future<Output = StepResult<T>>,
     {
+        self.journaled_keyed(name, |_| op).await
+    }
+
+    /// The idempotency key of the next journaled sub-operation:
+    /// `{idempotency_key}/op/{index}`, the same on every call of the step
+    /// (after a crash, a suspension or a retry of the attempt), so a model
+    /// or tool call repeated after a crash can be deduplicated by the
+    /// service it calls.
+    pub fn next_op_key(&self) -> String {
+        format!("{}/op/{}", self.idempotency_key, self.next_op)
+    }
+
+    /// Like [`StepContext::journaled`], handing `op` the operation's stable
+    /// key (see [`StepContext::next_op_key`]) to send with the call.
+    pub async fn journaled_keyed<T, F, Fut>(&mut self, name: &str, op: F) -> StepResult<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = StepResult<T>>,
+    {
+        let key = self.next_op_key();
+        let op = op(key);
         let index = self.next_op;
         self.next_op += 1;
         if self.replay.front().is_some_and(|r| r.index == index) {
@@ -201,6 +223,19 @@ mod tests {
         let mut third = context(Arc::new(ManualClock::new(0)), sink);
         let err = third.journaled::<u32, _>("other", async { Ok(1) }).await.unwrap_err();
         assert!(matches!(err, Stop::Error(e) if e.code == "nondeterministic"));
+    }
+
+    #[tokio::test]
+    async fn each_operation_has_a_stable_key() {
+        let sink = Arc::new(MemorySink::default());
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+        let mut first = context(clock.clone(), sink.clone());
+        let k0 = first.journaled_keyed("call", |key| async move { Ok(key) }).await.unwrap();
+        let k1 = first.journaled_keyed("call", |key| async move { Ok(key) }).await.unwrap();
+        assert_eq!((k0.as_str(), k1.as_str()), ("run1/s/op/0", "run1/s/op/1"));
+        // Called again (after a crash): the first is replayed, the next key is the same as before.
+        let again = context(clock, Arc::new(MemorySink::default()));
+        assert_eq!(again.next_op_key(), "run1/s/op/0");
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_orchestrator::compile::compile_file;
 use switchyard_orchestrator::engine::Error as EngineError;
-use switchyard_orchestrator::journal::RunStatus;
+use switchyard_orchestrator::journal::{Event, RunStatus};
 use switchyard_orchestrator::store::{self, Claim, Fence, JournalEntry, RunRecord, Store, Write};
 use switchyard_orchestrator::workflow::Bundle;
 use switchyard_orchestrator::{Definition, Engine, EngineOptions};
@@ -124,12 +124,35 @@ async fn resuming_a_run_whose_switch_failed_decides_it_again() {
     let outcome = within("the first run", engine.run(&def, json!({}))).await.unwrap();
     assert_eq!(outcome.status, RunStatus::Failed);
     assert_eq!(outcome.error.as_ref().unwrap().code, "expression");
-    engine.resume(&outcome.id).await.unwrap();
+    engine.resume_as(&outcome.id, Some("ops:bob")).await.unwrap();
     let again = within("the resumed run", engine.wait(&outcome.id)).await.unwrap();
     assert_eq!(again.status, RunStatus::Failed, "the same input fails the same way");
+    let journal = store.journal(&outcome.id).await.unwrap();
+    assert!(
+        journal.iter().any(|e| e.event == Event::RunResumed { actor: Some("ops:bob".into()) }),
+        "who resumed is journaled"
+    );
     let row = store.run(&outcome.id).await.unwrap().unwrap();
     assert_eq!((row.status, row.owner), (RunStatus::Failed, None));
     engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_cancelled_a_run_is_journaled() {
+    let server = CounterServer::start().await;
+    let dir = temp_dir("cancelactor");
+    let store = store(&dir).await;
+    let engine = start(store.clone(), false);
+    let def = compile_with(&dir, "c.yaml", &chain(&server, "ca", 2, Some(1)));
+    let id = engine.submit(&def, json!({})).await.unwrap();
+    within("step 1 to be called", server.wait_for_held("ca1")).await;
+    engine.cancel_as(&id, Some("ops:carol")).await.unwrap();
+    let journal = store.journal(&id).await.unwrap();
+    let tail: Vec<&Event> = journal.iter().rev().take(2).map(|e| &e.event).collect();
+    assert!(matches!(tail[0], Event::RunFinished { status: RunStatus::Cancelled, .. }), "{tail:?}");
+    assert_eq!(tail[1], &Event::CancelRequested { actor: Some("ops:carol".into()) });
+    engine.shutdown().await;
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,11 +370,11 @@ impl Store for FaultyStore {
     async fn release_all(&self, node: &str) -> store::Result<()> {
         self.inner.release_all(node).await
     }
-    async fn cancel_requests(&self, node: &str) -> store::Result<Vec<String>> {
+    async fn cancel_requests(&self, node: &str) -> store::Result<Vec<(String, Option<String>)>> {
         self.inner.cancel_requests(node).await
     }
-    async fn request_cancel(&self, id: &str, now: i64) -> store::Result<()> {
-        self.inner.request_cancel(id, now).await
+    async fn request_cancel(&self, id: &str, actor: Option<&str>, now: i64) -> store::Result<()> {
+        self.inner.request_cancel(id, actor, now).await
     }
 }
 

@@ -13,7 +13,7 @@ use switchyard_steps::{StepContext, StepError, StepResult, Stop};
 use super::Inner;
 use super::driver::{DriveError, Driver, ItemInputs, Outcome, RunRef};
 use super::writer::CommitError;
-use crate::journal::{Event, RunStatus};
+use crate::journal::{Encoded, Event, RunStatus};
 use crate::store::{Fence, JournalEntry, NewRun, Write};
 use crate::workflow::Workflow;
 
@@ -73,7 +73,8 @@ pub(crate) async fn run_child(
                     Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input: input.clone() };
                 let now = inner.clock.now_ms();
                 created = Some(vec![JournalEntry { seq: 0, at: now, event: started.clone() }]);
-                let write = Write::Create { fence: Some(parent.fence.clone()), run, events: vec![(now, started)] };
+                let write =
+                    Write::Create { fence: Some(parent.fence.clone()), run, events: vec![Encoded::new(now, &started)] };
                 inner.writer.commit(write).await.map_err(engine_error)?;
             }
             Some(r) if r.status == RunStatus::Succeeded => return Ok(r.output.unwrap_or(Value::Null)),
@@ -86,6 +87,7 @@ pub(crate) async fn run_child(
             is_root: false,
             definition: parent.definition.clone(),
             fence: parent.fence.clone(),
+            cancelled_by: Arc::default(),
         };
         let driver = match created {
             Some(entries) => Driver::from_journal(inner.clone(), run, wf.clone(), ctx.cancel_token(), &entries),

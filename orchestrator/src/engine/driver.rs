@@ -122,6 +122,8 @@ pub(crate) struct RunRef {
     /// Hash of the root definition (child runs share it).
     pub definition: Arc<str>,
     pub fence: Fence,
+    /// Who asked to cancel the run, once someone did (journaled with the end).
+    pub cancelled_by: Arc<Mutex<Option<String>>>,
 }
 
 pub(crate) struct Driver {
@@ -146,6 +148,7 @@ pub(crate) struct Driver {
     /// Set once a step failed for good: nothing new starts.
     failure: Option<StepError>,
     finished: Option<RunStatus>,
+    cancelled_by: Arc<Mutex<Option<String>>>,
 }
 
 impl Driver {
@@ -168,7 +171,7 @@ impl Driver {
         cancel: CancellationToken,
         entries: &[JournalEntry],
     ) -> Result<Self, DriveError> {
-        let RunRef { id: run_id, is_root, definition, fence } = run;
+        let RunRef { id: run_id, is_root, definition, fence, cancelled_by } = run;
         let run_id = run_id.as_str();
         let mut input = Value::Null;
         let mut steps = vec![StepState::new(); wf.steps.len()];
@@ -214,7 +217,8 @@ impl Driver {
                 }
                 Event::StepSkipped { step, .. } => steps[index(step)?].complete(Status::Skipped, None),
                 Event::RunParked { .. } => {}
-                Event::RunResumed => {
+                Event::CancelRequested { .. } => {}
+                Event::RunResumed { .. } => {
                     failure = None;
                     finished = None;
                     for s in steps.iter_mut().filter(|s| s.status == Status::Failed) {
@@ -250,6 +254,7 @@ impl Driver {
             mark_running: true,
             failure,
             finished,
+            cancelled_by,
         })
     }
 
@@ -761,6 +766,10 @@ impl Driver {
             batch.push(done);
         }
         self.complete(batch)?;
+        if self.is_root {
+            let actor = self.cancelled_by.lock().expect("cancelled_by").clone();
+            self.pending.push(Event::CancelRequested { actor });
+        }
         let error = StepError::fatal("cancelled", "the run was cancelled");
         self.finish_with(RunStatus::Cancelled, None, Some(error)).await
     }

@@ -8,7 +8,7 @@ use serde_json::Value;
 use switchyard_steps::{Clock, OpSink, RecordedOp, StepError};
 
 use super::writer::{Ack, CommitError, Writer, wait};
-use crate::journal::Event;
+use crate::journal::{Encoded, Event};
 use crate::store::{Fence, RunUpdate, Write};
 
 pub(crate) struct RunJournal {
@@ -41,7 +41,7 @@ impl RunJournal {
             fence: self.fence.clone(),
             run: self.run.clone(),
             first_seq,
-            events: events.into_iter().map(|e| (now, e)).collect(),
+            events: Encoded::all(now, &events),
             update,
         })
     }

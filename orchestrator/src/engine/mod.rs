@@ -23,7 +23,7 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::compile::{self, CompileErrors};
-use crate::journal::{Event, RunStatus};
+use crate::journal::{Encoded, Event, RunStatus};
 use crate::store::{self, Claim, Fence, JournalEntry, NewRun, RunRecord, RunUpdate, Store, Write};
 use crate::workflow::Definition;
 use driver::{DriveError, Driver, Outcome, RunRef};
@@ -170,6 +170,8 @@ impl Timers {
 struct Active {
     /// Cancels the run (it ends `cancelled`).
     cancel: CancellationToken,
+    /// Who cancelled it; set before `cancel` fires.
+    cancelled_by: Arc<Mutex<Option<String>>>,
     /// Stops the driver without ending the run (shutdown).
     abort: Option<tokio::task::AbortHandle>,
 }
@@ -280,7 +282,7 @@ impl Engine {
         };
         let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
         let journal = vec![JournalEntry { seq: 0, at: now, event: started.clone() }];
-        inner.writer.commit(Write::Create { fence: None, run, events: vec![(now, started)] }).await?;
+        inner.writer.commit(Write::Create { fence: None, run, events: vec![Encoded::new(now, &started)] }).await?;
         if let Some(key) = &key
             && let Some(winner) = inner.store.run_by_key(key).await?
             && winner.id != id
@@ -288,7 +290,13 @@ impl Engine {
             // Two submits with one key raced; the store kept the other one.
             return Ok(Submitted { id: winner.id, created: false });
         }
-        dispatch(inner, id.clone(), Claim { epoch: 1, cancel_requested: false }, def, Some(journal));
+        dispatch(
+            inner,
+            id.clone(),
+            Claim { epoch: 1, cancel_requested: false, cancel_actor: None },
+            def,
+            Some(journal),
+        );
         Ok(Submitted { id, created: true })
     }
 
@@ -326,6 +334,11 @@ impl Engine {
 
     /// Cancels a run: stops its running steps and ends it `cancelled`.
     pub async fn cancel(&self, id: &str) -> Result<Cancelled> {
+        self.cancel_as(id, None).await
+    }
+
+    /// [`Engine::cancel`], recording `actor` (who asked) in the journal.
+    pub async fn cancel_as(&self, id: &str, actor: Option<&str>) -> Result<Cancelled> {
         let inner = &self.inner;
         let record = inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
         if record.parent_id.is_some() {
@@ -334,8 +347,9 @@ impl Engine {
         if record.status.is_finished() {
             return Ok(Cancelled::AlreadyFinished(record.status));
         }
-        let here = inner.active.lock().expect("active").get(id).map(|a| a.cancel.clone());
-        if let Some(cancel) = here {
+        let here = inner.active.lock().expect("active").get(id).map(|a| (a.cancel.clone(), a.cancelled_by.clone()));
+        if let Some((cancel, by)) = here {
+            by.lock().expect("cancelled_by").get_or_insert_with(|| actor.unwrap_or_default().to_owned());
             cancel.cancel();
             return match self.wait(id).await {
                 Ok(_) => Ok(Cancelled::Done),
@@ -344,7 +358,7 @@ impl Engine {
             };
         }
         let now = inner.clock.now_ms();
-        inner.store.request_cancel(id, now).await?;
+        inner.store.request_cancel(id, actor, now).await?;
         let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), false).await?
         else {
             let lease_until = inner.store.run(id).await?.and_then(|r| r.lease_until);
@@ -362,8 +376,12 @@ impl Engine {
                 release: is_root,
                 ..Default::default()
             };
-            let event = Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) };
-            if let Err(e) = inner.append(&fence, &run.id, vec![event], update).await {
+            let mut events = Vec::new();
+            if is_root {
+                events.push(Event::CancelRequested { actor: actor.map(str::to_owned) });
+            }
+            events.push(Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) });
+            if let Err(e) = inner.append(&fence, &run.id, events, update).await {
                 // Leave the run to the next owner, with its cancel request.
                 let _ = inner.store.release(&inner.node, &fence).await;
                 return Err(e);
@@ -379,6 +397,11 @@ impl Engine {
     /// Continues a failed run from its failed steps (completed steps keep
     /// their outputs), or takes over an unfinished run nobody drives.
     pub async fn resume(&self, id: &str) -> Result<()> {
+        self.resume_as(id, None).await
+    }
+
+    /// [`Engine::resume`], recording `actor` (who asked) in the journal.
+    pub async fn resume_as(&self, id: &str, actor: Option<&str>) -> Result<()> {
         let inner = &self.inner;
         let record = inner.store.run(id).await?.ok_or_else(|| Error::NotFound(id.to_owned()))?;
         if record.parent_id.is_some() {
@@ -407,7 +430,8 @@ impl Engine {
                 failed.reverse();
                 for run in failed {
                     let update = RunUpdate { status: Some(RunStatus::Running), ..Default::default() };
-                    inner.append(&fence, &run.id, vec![Event::RunResumed], update).await?;
+                    let event = Event::RunResumed { actor: actor.map(str::to_owned) };
+                    inner.append(&fence, &run.id, vec![event], update).await?;
                 }
             }
             Ok::<_, Error>(def)
@@ -541,7 +565,7 @@ impl Inner {
             fence: fence.clone(),
             run: run.to_owned(),
             first_seq,
-            events: events.into_iter().map(|e| (now, e)).collect(),
+            events: Encoded::all(now, &events),
             update: Some(update),
         };
         Ok(self.writer.commit(write).await?)
@@ -606,6 +630,7 @@ impl Inner {
 /// given back so a worker or `runs resume` can continue at once.
 fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, journal: Option<Vec<JournalEntry>>) {
     let token = CancellationToken::new();
+    let cancelled_by = Arc::new(Mutex::new(claim.cancel_actor.clone()));
     if claim.cancel_requested {
         // A cancel requested while nobody drove the run wins over the takeover.
         token.cancel();
@@ -615,7 +640,7 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
         if active.contains_key(&id) {
             return;
         }
-        active.insert(id.clone(), Active { cancel: token.clone(), abort: None });
+        active.insert(id.clone(), Active { cancel: token.clone(), cancelled_by: cancelled_by.clone(), abort: None });
     }
     let task_inner = inner.clone();
     let task_id = id.clone();
@@ -638,7 +663,13 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
             p = permits => (Some(p.0), p.1),
             _ = token.cancelled() => (None, None),
         };
-        let run = RunRef { id: id.clone(), is_root: true, definition: def.hash.as_str().into(), fence: fence.clone() };
+        let run = RunRef {
+            id: id.clone(),
+            is_root: true,
+            definition: def.hash.as_str().into(),
+            fence: fence.clone(),
+            cancelled_by,
+        };
         let drive = async {
             let driver = match journal {
                 Some(entries) => {
@@ -798,8 +829,9 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
             inner.notify(&id, Ok(outcome(&record)));
         }
     }
-    for id in inner.store.cancel_requests(&inner.node).await? {
+    for (id, actor) in inner.store.cancel_requests(&inner.node).await? {
         if let Some(active) = inner.active.lock().expect("active").get(&id) {
+            active.cancelled_by.lock().expect("cancelled_by").get_or_insert(actor.unwrap_or_default());
             active.cancel.cancel();
         }
     }

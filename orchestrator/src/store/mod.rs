@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use switchyard_steps::StepError;
 
-use crate::journal::{Event, RunStatus};
+use crate::journal::{Encoded, Event, RunStatus};
 use crate::workflow::Bundle;
 
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -62,12 +62,14 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A claim taken by [`Store::claim`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// The new epoch: every write under this claim carries it.
     pub epoch: i64,
     /// Someone asked to cancel the run: the new owner ends it `cancelled`.
     pub cancel_requested: bool,
+    /// Who asked, if they said.
+    pub cancel_actor: Option<String>,
 }
 
 /// The claim a write relies on: root run and epoch.
@@ -108,9 +110,9 @@ pub struct RunUpdate {
 #[derive(Debug, Clone)]
 pub enum Write {
     /// Creates a run (ignored if the id exists) with its first events.
-    Create { fence: Option<Fence>, run: NewRun, events: Vec<(i64, Event)> },
+    Create { fence: Option<Fence>, run: NewRun, events: Vec<Encoded> },
     /// Appends events from `first_seq` on and applies `update`.
-    Append { fence: Fence, run: String, first_seq: i64, events: Vec<(i64, Event)>, update: Option<RunUpdate> },
+    Append { fence: Fence, run: String, first_seq: i64, events: Vec<Encoded>, update: Option<RunUpdate> },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -189,9 +191,9 @@ pub trait Store: Send + Sync + 'static {
     async fn release(&self, node: &str, fence: &Fence) -> Result<()>;
     /// Releases every lease of this node (clean shutdown).
     async fn release_all(&self, node: &str) -> Result<()>;
-    /// Runs owned by `node` whose cancellation was requested.
-    async fn cancel_requests(&self, node: &str) -> Result<Vec<String>>;
-    async fn request_cancel(&self, id: &str, now: i64) -> Result<()>;
+    /// Runs owned by `node` whose cancellation was requested, with who asked.
+    async fn cancel_requests(&self, node: &str) -> Result<Vec<(String, Option<String>)>>;
+    async fn request_cancel(&self, id: &str, actor: Option<&str>, now: i64) -> Result<()>;
 }
 
 #[cfg(test)]

@@ -13,12 +13,13 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 use super::{Claim, Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Store, Write};
-use crate::journal::{Event, RunStatus};
+use crate::journal::{self, Encoded, RunStatus};
 use crate::workflow::Bundle;
 
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_indexes.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_cancel_actor.sql")),
 ];
 
 /// Rows per multi-row INSERT (5 binds each, well under SQLite's limit).
@@ -164,15 +165,11 @@ macro_rules! select_runs {
     };
 }
 
-async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &[(&str, i64, i64, &Event)]) -> Result<()> {
+async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &[(&str, i64, &Encoded)]) -> Result<()> {
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO journal (run_id, seq, at, kind, event) ");
-        qb.push_values(chunk, |mut b, (run, seq, at, event)| {
-            b.push_bind(run.to_string())
-                .push_bind(*seq)
-                .push_bind(*at)
-                .push_bind(event.tag())
-                .push_bind(serde_json::to_string(event).expect("events serialize"));
+        qb.push_values(chunk, |mut b, (run, seq, e)| {
+            b.push_bind(run.to_string()).push_bind(*seq).push_bind(e.at).push_bind(e.kind).push_bind(e.payload.clone());
         });
         qb.build().execute(&mut *tx).await?;
     }
@@ -277,8 +274,8 @@ impl Store for SqliteStore {
                 .await?;
         rows.into_iter()
             .map(|(seq, at, text)| {
-                let event = serde_json::from_str(&text)
-                    .map_err(|e| Error::Corrupt(format!("journal of {id} at {seq}: {e}")))?;
+                let event =
+                    journal::decode(&text).map_err(|e| Error::Corrupt(format!("journal of {id} at {seq}: {e}")))?;
                 Ok(JournalEntry { seq, at, event })
             })
             .collect()
@@ -301,10 +298,10 @@ impl Store for SqliteStore {
         lease_until: i64,
         allow_finished: bool,
     ) -> Result<Option<Claim>> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
+        let row: Option<(i64, i64, Option<String>)> = sqlx::query_as(
             "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_until = ?, updated_at = ? \
              WHERE id = ? AND parent_id IS NULL AND epoch = ? AND (owner IS NULL OR owner = ? OR lease_until < ?) \
-             AND (? OR status NOT IN ('succeeded', 'failed', 'cancelled')) RETURNING epoch, cancel_requested",
+             AND (? OR status NOT IN ('succeeded', 'failed', 'cancelled')) RETURNING epoch, cancel_requested, cancel_actor",
         )
         .bind(node)
         .bind(lease_until)
@@ -316,7 +313,7 @@ impl Store for SqliteStore {
         .bind(allow_finished)
         .fetch_optional(&self.write)
         .await?;
-        Ok(row.map(|(epoch, cancel)| Claim { epoch, cancel_requested: cancel != 0 }))
+        Ok(row.map(|(epoch, cancel, actor)| Claim { epoch, cancel_requested: cancel != 0, cancel_actor: actor }))
     }
 
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>> {
@@ -379,16 +376,19 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn cancel_requests(&self, node: &str) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar("SELECT id FROM runs WHERE owner = ? AND cancel_requested = 1")
+    async fn cancel_requests(&self, node: &str) -> Result<Vec<(String, Option<String>)>> {
+        Ok(sqlx::query_as("SELECT id, cancel_actor FROM runs WHERE owner = ? AND cancel_requested = 1")
             .bind(node)
             .fetch_all(&self.read)
             .await?)
     }
 
-    async fn request_cancel(&self, id: &str, now: i64) -> Result<()> {
-        let done = sqlx::query("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
-            .bind(now)
+    async fn request_cancel(&self, id: &str, actor: Option<&str>, now: i64) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE runs SET cancel_requested = 1, cancel_actor = COALESCE(cancel_actor, ?), updated_at = ? WHERE id = ?",
+        )
+        .bind(actor)
+        .bind(now)
             .bind(id)
             .execute(&self.write)
             .await?;
@@ -423,7 +423,7 @@ impl SqliteStore {
         let holds = |f: &Fence| owned.get(&f.root) == Some(&f.epoch);
 
         let mut results = Vec::with_capacity(writes.len());
-        let mut rows: Vec<(&str, i64, i64, &Event)> = Vec::new();
+        let mut rows: Vec<(&str, i64, &Encoded)> = Vec::new();
         for write in writes {
             match write {
                 Write::Create { fence, run, events } => {
@@ -456,7 +456,7 @@ impl SqliteStore {
                     .await?
                     .rows_affected();
                     if created == 1 {
-                        rows.extend(events.iter().enumerate().map(|(i, (at, e))| (run.id.as_str(), i as i64, *at, e)));
+                        rows.extend(events.iter().enumerate().map(|(i, e)| (run.id.as_str(), i as i64, e)));
                     }
                     results.push(Ok(()));
                 }
@@ -465,9 +465,7 @@ impl SqliteStore {
                         results.push(Err(Error::Fenced(fence.root.clone())));
                         continue;
                     }
-                    rows.extend(
-                        events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e)),
-                    );
+                    rows.extend(events.iter().enumerate().map(|(i, e)| (run.as_str(), first_seq + i as i64, e)));
                     if let Some(update) = update {
                         apply_update(&mut tx, run, now, update).await?;
                     }
@@ -484,12 +482,10 @@ impl SqliteStore {
     /// own (no BEGIN/COMMIT round trips). The fence is a join: rows of runs
     /// this node no longer owns at the claimed epoch are not inserted.
     async fn append_fenced(&self, node: &str, writes: &[Write]) -> Result<Vec<Result<()>>> {
-        let mut rows: Vec<(&str, i64, i64, &Event, &Fence)> = Vec::new();
+        let mut rows: Vec<(&str, i64, &Encoded, &Fence)> = Vec::new();
         for write in writes {
             if let Write::Append { fence, run, first_seq, events, .. } = write {
-                rows.extend(
-                    events.iter().enumerate().map(|(i, (at, e))| (run.as_str(), first_seq + i as i64, *at, e, fence)),
-                );
+                rows.extend(events.iter().enumerate().map(|(i, e)| (run.as_str(), first_seq + i as i64, e, fence)));
             }
         }
         if rows.len() > INSERT_CHUNK {
@@ -499,12 +495,12 @@ impl SqliteStore {
             "INSERT INTO journal (run_id, seq, at, kind, event) \
              SELECT v.column1, v.column2, v.column3, v.column4, v.column5 FROM (",
         );
-        qb.push_values(&rows, |mut b, (run, seq, at, event, fence)| {
+        qb.push_values(&rows, |mut b, (run, seq, e, fence)| {
             b.push_bind(run.to_string())
                 .push_bind(*seq)
-                .push_bind(*at)
-                .push_bind(event.tag())
-                .push_bind(serde_json::to_string(event).expect("events serialize"))
+                .push_bind(e.at)
+                .push_bind(e.kind)
+                .push_bind(e.payload.clone())
                 .push_bind(fence.root.clone())
                 .push_bind(fence.epoch);
         });

@@ -4,6 +4,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::journal::Encoded;
 
 struct TempDb(std::path::PathBuf);
 
@@ -39,8 +40,8 @@ fn new_run(id: &str, owner: &str) -> NewRun {
     }
 }
 
-fn started() -> Vec<(i64, Event)> {
-    vec![(10, Event::RunStarted { workflow: "w".into(), version: 1, input: json!({"n": 1}) })]
+fn started() -> Vec<Encoded> {
+    vec![Encoded::new(10, &Event::RunStarted { workflow: "w".into(), version: 1, input: json!({"n": 1}) })]
 }
 
 fn step(seq: i64, fence: Fence, run: &str) -> Write {
@@ -48,7 +49,7 @@ fn step(seq: i64, fence: Fence, run: &str) -> Write {
         fence,
         run: run.into(),
         first_seq: seq,
-        events: vec![(20, Event::StepStarted { step: "s".into(), attempt: 1 })],
+        events: vec![Encoded::new(20, &Event::StepStarted { step: "s".into(), attempt: 1 })],
         update: None,
     }
 }
@@ -80,7 +81,10 @@ async fn a_node_that_lost_its_lease_cannot_write() {
         fence: b,
         run: "r1".into(),
         first_seq: 2,
-        events: vec![(30, Event::RunFinished { status: RunStatus::Succeeded, output: Some(json!(1)), error: None })],
+        events: vec![Encoded::new(
+            30,
+            &Event::RunFinished { status: RunStatus::Succeeded, output: Some(json!(1)), error: None },
+        )],
         update: Some(RunUpdate {
             status: Some(RunStatus::Succeeded),
             output: Some(json!(1)),
@@ -137,9 +141,11 @@ async fn a_claim_is_a_compare_and_set_on_the_epoch() {
     assert_eq!(first.map(|c| c.epoch), Some(2));
     assert_eq!(second, None);
     // A cancel request travels with the next claim.
-    store.request_cancel("r1", 20).await.unwrap();
+    store.request_cancel("r1", Some("cli:alice"), 20).await.unwrap();
     let claim = store.claim("r1", "a", 2, 30, 5_000, false).await.unwrap().unwrap();
     assert!(claim.cancel_requested);
+    assert_eq!(claim.cancel_actor.as_deref(), Some("cli:alice"));
+    assert_eq!(store.cancel_requests("a").await.unwrap(), [("r1".to_owned(), Some("cli:alice".to_owned()))]);
     assert_eq!(store.next_seq("r1").await.unwrap(), 1);
     assert_eq!(store.next_seq("nothing").await.unwrap(), 0);
 }
@@ -150,14 +156,14 @@ fn parked(id: &str, wake_at: i64, created: i64) -> [Write; 2] {
     run.lease_until = None;
     let fence = Fence { root: id.into(), epoch: 1 };
     let mut started = started();
-    started[0].0 = created;
+    started[0].at = created;
     [
         Write::Create { fence: None, run: NewRun { owner: Some("a".into()), ..run }, events: started },
         Write::Append {
             fence,
             run: id.into(),
             first_seq: 1,
-            events: vec![(created, Event::RunParked { wake_at })],
+            events: vec![Encoded::new(created, &Event::RunParked { wake_at })],
             update: Some(RunUpdate {
                 status: Some(RunStatus::Waiting),
                 wake_at: Some(wake_at),
