@@ -3,6 +3,7 @@
 //! `Engine::submit`; result = the awaited outcome, checked. Prints one JSON
 //! object per line.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -141,7 +142,8 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
     let emit = |mut extra: Value| {
         let mut line = base.clone();
         line.as_object_mut().expect("object").append(extra.as_object_mut().expect("object"));
-        println!("{line}");
+        // A closed stdout (`bench | head -1`) ends the output, not the process.
+        let _ = writeln!(std::io::stdout(), "{line}");
     };
     for w in chosen {
         match *w {
@@ -175,11 +177,69 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                     }
                 }
             }
+            "parked" => {
+                for (kind, n) in [("root", 10_000), ("child", 2_000)] {
+                    match parked(&engine, kind, n).await {
+                        Ok(bytes) => emit(json!({"workload": "parked", "metric": "memory", "kind": kind, "n": n,
+                            "rss_bytes_per_run": bytes.round()})),
+                        Err(e) => emit(json!({"workload": "parked", "metric": "memory", "kind": kind, "n": n,
+                            "error": e.to_string()})),
+                    }
+                }
+            }
             other => bail!("unknown workload {other:?}"),
         }
     }
     engine.shutdown().await;
     Ok(())
+}
+
+/// Resident memory of this process, from `/proc/self/statm` (Linux).
+fn rss_bytes() -> Result<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
+    let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).context("parsing statm")?;
+    Ok(pages * 4096.0)
+}
+
+/// Growth of resident memory per run waiting in a one-hour sleep: `root`
+/// runs parked on their own, or `child` runs of one `map` (whose parent
+/// waits for them in memory today). Switchyard's own measurement, not one
+/// of WORKLOADS.md.
+async fn parked(engine: &Engine, kind: &str, n: usize) -> Result<f64> {
+    let nap = "{id: nap, kind: sleep, with: {duration: 1h}}";
+    let def = match kind {
+        "root" => compile_text("parked.yaml", format!("name: parked\nsteps: [{nap}]\n"), engine)?,
+        _ => compile_text(
+            "parked-map.yaml",
+            format!(
+                "name: parked_map\nsteps:\n  - id: m\n    kind: map\n    with: {{items: \"{{{{ range(input.n) | list }}}}\", concurrency: {n}, steps: [{nap}]}}\n"
+            ),
+            engine,
+        )?,
+    };
+    let settle = || async {
+        // Parked roots leave the active set; a map's children park inside it.
+        for _ in 0..600 {
+            if engine.active_runs() == 0 || (kind == "child" && engine.parked_children().await? >= n) {
+                return Ok::<_, anyhow::Error>(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("the runs did not park within a minute")
+    };
+    let before = rss_bytes()?;
+    match kind {
+        "root" => {
+            for _ in 0..n {
+                engine.submit(&def, json!({})).await?;
+            }
+        }
+        _ => {
+            engine.submit(&def, json!({"n": n})).await?;
+        }
+    }
+    settle().await?;
+    Ok((rss_bytes()? - before) / n as f64)
 }
 
 /// The workloads make no HTTP calls.

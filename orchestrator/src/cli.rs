@@ -103,6 +103,8 @@ enum Workload {
     All,
     Chain40,
     Fanout100,
+    /// Memory per parked run (root and map child); not part of `all`.
+    Parked,
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {
@@ -341,16 +343,16 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                     id
                 }
                 Ok(Submitted { id, created: false }) => {
-                    eprintln!("run {id} already exists for this idempotency key");
+                    errln!("run {id} already exists for this idempotency key");
                     // Continue it here if nobody drives it (its process died,
                     // once that process's lease has expired); a live run is
                     // waited for, a finished one only reported.
-                    let mut told = None;
+                    // Said once: a live holder renews its lease as it goes.
+                    let mut told = false;
                     engine
                         .take_over(&id, |until| {
-                            if told != Some(until) {
-                                told = Some(until);
-                                eprintln!(
+                            if !std::mem::replace(&mut told, true) {
+                                errln!(
                                     "waiting for the lease of the process that holds run {id} (until {})",
                                     report::format_ms(until)
                                 );
@@ -402,6 +404,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 Workload::All => &["chain40", "fanout100"],
                 Workload::Chain40 => &["chain40"],
                 Workload::Fanout100 => &["fanout100"],
+                Workload::Parked => &["parked"],
             };
             crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full).await?;
             Ok(ExitCode::SUCCESS)
@@ -562,16 +565,17 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             };
             engine.shutdown().await;
             match result {
-                Cancelled::Done => println!("run {run} cancelled"),
+                Cancelled::Done => outln!("run {} cancelled", printable(run))?,
                 Cancelled::Requested { lease_until } => {
                     let until = lease_until.map(|t| format!(" (its lease runs until {})", report::format_ms(t)));
-                    println!(
-                        "cancellation of run {run} requested: the process holding it{} stops it, or, if that process \
+                    outln!(
+                        "cancellation of run {} requested: the process holding it{} stops it, or, if that process \
                          has died, the run ends cancelled when a worker or `runs resume` takes it over",
+                        printable(run),
                         until.unwrap_or_default()
-                    )
+                    )?
                 }
-                Cancelled::AlreadyFinished(status) => println!("run {run} already {status}"),
+                Cancelled::AlreadyFinished(status) => outln!("run {} already {status}", printable(run))?,
             }
             Ok(ExitCode::SUCCESS)
         }

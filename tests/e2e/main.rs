@@ -6,4 +6,6 @@ mod engine;
 mod examples;
 mod hardening;
 mod http;
+mod props;
+mod recovery;
 mod support;

@@ -72,6 +72,9 @@ struct StepState {
     due: Option<i64>,
     /// `{output, status}` for templates, built once when the step completes.
     view: Option<MjValue>,
+    /// Its last attempt was started by a driver that stopped before it ended
+    /// (a crash): that attempt has no end in the journal yet.
+    interrupted: bool,
 }
 
 impl StepState {
@@ -84,6 +87,7 @@ impl StepState {
             ops: Arc::default(),
             due: None,
             view: None,
+            interrupted: false,
         }
     }
     fn complete(&mut self, status: Status, output: Option<Value>) {
@@ -234,6 +238,7 @@ impl Driver {
         // as a new attempt (their journaled ops carry over).
         for s in steps.iter_mut().filter(|s| s.status == Status::Running) {
             s.status = Status::Ready;
+            s.interrupted = true;
         }
         let next_seq = entries.last().map(|e| e.seq + 1).unwrap_or(0);
         let journal = RunJournal::new(run_id.to_owned(), fence, next_seq, inner.writer.clone(), inner.clock.clone());
@@ -517,6 +522,7 @@ impl Driver {
         }
         st.status = Status::Running;
         st.due = None;
+        st.interrupted = false;
         let attempt = st.attempt;
         let replay = st.ops.lock().expect("ops").clone();
         let recorded = st.ops.clone();
@@ -766,11 +772,35 @@ impl Driver {
             batch.push(done);
         }
         self.complete(batch)?;
+        let error = StepError::fatal("cancelled", "the run was cancelled");
+        // An attempt whose process died before it ended (the run was taken
+        // over with a cancel request) ends like one stopped here.
+        for i in 0..self.steps.len() {
+            let st = &mut self.steps[i];
+            if st.interrupted && st.status == Status::Ready {
+                st.interrupted = false;
+                st.complete(Status::Failed, None);
+                let (step, attempt) = (self.wf.steps[i].id.clone(), st.attempt);
+                self.pending.push(Event::StepFailed {
+                    step,
+                    attempt,
+                    error: error.clone(),
+                    retry_at: None,
+                    continued: false,
+                });
+            }
+        }
         if self.is_root {
+            // Child runs nobody drives any more (their parent's attempt died
+            // with its process) end too; those driven here already have.
+            let fence = self.journal.fence().clone();
+            self.inner
+                .cancel_descendants(&fence, &self.run_id, &error)
+                .await
+                .map_err(|e| DriveError::Invalid(self.run_id.clone(), e.to_string()))?;
             let actor = self.cancelled_by.lock().expect("cancelled_by").clone();
             self.pending.push(Event::CancelRequested { actor });
         }
-        let error = StepError::fatal("cancelled", "the run was cancelled");
         self.finish_with(RunStatus::Cancelled, None, Some(error)).await
     }
 

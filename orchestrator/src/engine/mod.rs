@@ -364,34 +364,25 @@ impl Engine {
             let lease_until = inner.store.run(id).await?.and_then(|r| r.lease_until);
             return Ok(Cancelled::Requested { lease_until });
         };
-        // Nobody drives it (parked, queued elsewhere, or its node died): end it here.
+        // Nobody drives it (parked, queued elsewhere, or its node died):
+        // drive it here with the cancel already requested, so it ends the
+        // way a run cancelled in its own process does (attempts that were in
+        // flight journaled as cancelled, unfinished child runs ended too).
         inner.timers.lock().expect("timers").remove(id);
-        let fence = Fence { root: id.to_owned(), epoch: claim.epoch };
-        let error = StepError::fatal("cancelled", "the run was cancelled");
-        for run in inner.unfinished_tree(&record).await? {
-            let is_root = run.id == id;
-            let update = RunUpdate {
-                status: Some(RunStatus::Cancelled),
-                error: Some(error.clone()),
-                release: is_root,
-                ..Default::default()
-            };
-            let mut events = Vec::new();
-            if is_root {
-                events.push(Event::CancelRequested { actor: actor.map(str::to_owned) });
-            }
-            events.push(Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) });
-            if let Err(e) = inner.append(&fence, &run.id, events, update).await {
-                // Leave the run to the next owner, with its cancel request.
-                let _ = inner.store.release(&inner.node, &fence).await;
+        let def = match inner.definition(&record.definition).await {
+            Ok(def) => def,
+            Err(e) => {
+                let _ = inner.store.release(&inner.node, &Fence { root: id.to_owned(), epoch: claim.epoch }).await;
                 return Err(e);
             }
+        };
+        let cancel_actor = actor.map(str::to_owned).or(claim.cancel_actor);
+        dispatch(inner, id.to_owned(), Claim { cancel_requested: true, cancel_actor, ..claim }, def, None);
+        match self.wait(id).await {
+            Ok(_) => Ok(Cancelled::Done),
+            Err(Error::Interrupted(..)) => Ok(Cancelled::Requested { lease_until: None }),
+            Err(e) => Err(e),
         }
-        inner.notify(
-            id,
-            Ok(RunOutcome { id: id.to_owned(), status: RunStatus::Cancelled, output: None, error: Some(error) }),
-        );
-        Ok(Cancelled::Done)
     }
 
     /// Continues a failed run from its failed steps (completed steps keep
@@ -479,6 +470,13 @@ impl Engine {
                 if pick_up(inner, &record).await? {
                     return Ok(());
                 }
+                // Another claim won meanwhile: look again shortly.
+                tokio::select! {
+                    _ = tokio::time::sleep(inner.options.poll_interval) => {}
+                    _ = inner.shutdown.cancelled() => {
+                        return Err(Error::Interrupted(id.to_owned(), "the engine stopped".into()));
+                    }
+                }
                 continue;
             }
             let until = record.lease_until.unwrap_or(now);
@@ -491,6 +489,17 @@ impl Engine {
                 _ = inner.shutdown.cancelled() => return Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
             }
         }
+    }
+
+    /// Root runs this process is driving (or queueing) right now.
+    pub fn active_runs(&self) -> usize {
+        self.inner.active.lock().expect("active").len()
+    }
+
+    /// Child runs parked in the store (for measurements).
+    pub async fn parked_children(&self) -> Result<usize> {
+        let runs = self.inner.store.runs(Some(RunStatus::Waiting), true, i64::MAX).await?;
+        Ok(runs.iter().filter(|r| r.parent_id.is_some()).count())
     }
 
     /// True when nothing runs here and no unfinished run is left in the store.
@@ -571,9 +580,21 @@ impl Inner {
         Ok(self.writer.commit(write).await?)
     }
 
-    /// The run and its descendants that have not finished, parents first.
-    async fn unfinished_tree(&self, root: &RunRecord) -> Result<Vec<RunRecord>> {
-        self.tree(root, |r| !r.status.is_finished()).await
+    /// Ends every unfinished descendant of run `id` `cancelled`, under the
+    /// root's fence.
+    pub(crate) async fn cancel_descendants(&self, fence: &Fence, id: &str, error: &StepError) -> Result<()> {
+        let mut queue = self.store.children(id).await?;
+        while let Some(run) = queue.pop() {
+            queue.extend(self.store.children(&run.id).await?);
+            if !run.status.is_finished() {
+                let update =
+                    RunUpdate { status: Some(RunStatus::Cancelled), error: Some(error.clone()), ..Default::default() };
+                let event =
+                    Event::RunFinished { status: RunStatus::Cancelled, output: None, error: Some(error.clone()) };
+                self.append(fence, &run.id, vec![event], update).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The run and its descendants that failed, parents first.

@@ -1,5 +1,8 @@
-//! The store contract, on SQLite: group commit, idempotent creates, leases
-//! and fencing.
+//! The store contract: group commit, idempotent creates, leases, claims and
+//! fencing. Every test is written against `dyn Store`; `open` gives the
+//! SQLite implementation (a PostgreSQL one runs the same tests).
+
+use std::sync::Arc;
 
 use serde_json::json;
 
@@ -14,13 +17,13 @@ impl Drop for TempDb {
     }
 }
 
-async fn open(name: &str) -> (SqliteStore, TempDb) {
+async fn open(name: &str) -> (Arc<dyn Store>, TempDb) {
     let dir = std::env::temp_dir().join(format!("switchyard-store-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let url = dir.join("db.sqlite").display().to_string();
     let store = SqliteStore::open(&SqliteOptions { url, synchronous_full: false }).await.unwrap();
-    (store, TempDb(dir))
+    (Arc::new(store), TempDb(dir))
 }
 
 fn new_run(id: &str, owner: &str) -> NewRun {
