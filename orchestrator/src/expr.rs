@@ -50,6 +50,25 @@ impl Default for Templates {
         env.set_recursion_limit(64);
         env.remove_global("debug");
         env.remove_global("namespace");
+        // `[0] * n` builds a *lazy* list that costs no fuel until it is
+        // used, and printing it writes everything before fuel is charged.
+        // Every path that prints a whole value measures it first.
+        env.set_formatter(|out, state, value| {
+            bounded(value)?;
+            minijinja::escape_formatter(out, state, value)
+        });
+        env.add_filter("string", |state: &minijinja::State, value: &MjValue| {
+            bounded(value)?;
+            minijinja::filters::string(state, value)
+        });
+        env.add_filter("tojson", |value: &MjValue, indent: Option<MjValue>, args: minijinja::value::Kwargs| {
+            bounded(value)?;
+            minijinja::filters::tojson(value, indent, args)
+        });
+        env.add_filter("pprint", |value: &MjValue| -> Result<String, minijinja::Error> {
+            bounded(value)?;
+            Ok(minijinja::filters::pprint(value))
+        });
         Self { env }
     }
 }
@@ -272,6 +291,47 @@ fn convert(value: &MjValue, depth: usize, budget: &mut usize) -> Result<Value, S
     })
 }
 
+/// Most items and bytes a value may have to be printed whole.
+const MAX_PRINTED_ITEMS: usize = 1_000_000;
+
+/// Refuses, before printing, a list or map with more than
+/// [`MAX_PRINTED_ITEMS`] items in all or deeper than [`limits::MAX_DEPTH`].
+/// Walks lazily, so a lazy list is counted without being built.
+fn bounded(value: &MjValue) -> Result<(), minijinja::Error> {
+    use minijinja::value::ValueKind;
+    if !matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable | ValueKind::Map) {
+        return Ok(());
+    }
+    let mut items = 0usize;
+    let mut stack = vec![(value.clone(), 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        if depth > limits::MAX_DEPTH {
+            return Err(too_big(format!("value is nested more than {} levels deep", limits::MAX_DEPTH)));
+        }
+        if !matches!(v.kind(), ValueKind::Seq | ValueKind::Iterable | ValueKind::Map) {
+            continue;
+        }
+        // A length known up front refuses a huge list without walking it.
+        if v.len().is_some_and(|n| n > MAX_PRINTED_ITEMS - items) {
+            return Err(too_big(format!("value has more than {MAX_PRINTED_ITEMS} items")));
+        }
+        let is_map = v.kind() == ValueKind::Map;
+        for item in v.try_iter()? {
+            items += 1;
+            if items > MAX_PRINTED_ITEMS {
+                return Err(too_big(format!("value has more than {MAX_PRINTED_ITEMS} items")));
+            }
+            let item = if is_map { v.get_item(&item)? } else { item };
+            stack.push((item, depth + 1));
+        }
+    }
+    Ok(())
+}
+
+fn too_big(message: String) -> minijinja::Error {
+    minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message)
+}
+
 fn number(value: &MjValue) -> Result<Value, String> {
     if value.is_integer() {
         if let Ok(i) = i64::try_from(value.clone()) {
@@ -348,6 +408,16 @@ mod tests {
         assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("larger than"));
         let (e, _) = t.expr("'x' * 100000000").unwrap();
         assert!(t.eval(&e, &ctx()).is_err());
+        // Printing a huge lazy list is refused before it is written.
+        for src in ["x{{ [0] * 579 * 85790 }}", "{{ ([0] * 10000000) | tojson }}", "{{ ([0] * 10000000) | string }}"] {
+            let (tpl, _) = t.value("print", &json!(src)).unwrap();
+            let started = std::time::Instant::now();
+            let err = t.render(&tpl, &ctx()).unwrap_err().0;
+            assert!(err.contains("items"), "{src}: {err}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1), "{src}: {:?}", started.elapsed());
+        }
+        let (tpl, _) = t.value("ok", &json!("{{ [1, 2] | tojson }} {{ [1, 2] }} {{ {'a': 1} | string }}")).unwrap();
+        assert_eq!(t.render(&tpl, &ctx()).unwrap(), json!("[1, 2] [1, 2] {'a': 1}"));
         // No debug(), no include.
         let (e, _) = t.expr("debug()").unwrap();
         assert!(t.eval(&e, &ctx()).is_err());
