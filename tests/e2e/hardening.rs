@@ -358,6 +358,9 @@ impl Store for FaultyStore {
     async fn claimable(&self, now: i64, limit: i64) -> store::Result<Vec<RunRecord>> {
         self.inner.claimable(now, limit).await
     }
+    async fn claim_due(&self, node: &str, now: i64, until: i64, limit: i64) -> store::Result<Vec<(RunRecord, Claim)>> {
+        self.inner.claim_due(node, now, until, limit).await
+    }
     async fn next_wakes(&self, now: i64, limit: i64) -> store::Result<Vec<(String, i64)>> {
         self.inner.next_wakes(now, limit).await
     }

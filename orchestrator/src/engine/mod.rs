@@ -865,11 +865,32 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
     for (id, at) in inner.store.next_wakes(now, 256).await? {
         inner.add_timer(at, id);
     }
-    for run in inner.store.claimable(now, 256).await? {
-        // One run that cannot be picked up (its definition no longer
-        // compiles, a busy database) does not stop the others.
-        if let Err(e) = pick_up(inner, &run).await {
-            tracing::warn!(run = %run.id, error = %e, "picking up run");
+    // Claim only what this process has room to start, in one statement;
+    // the rest stays for other workers.
+    let room = inner.global.available_permits().min(256) as i64;
+    if room == 0 {
+        return Ok(());
+    }
+    for (run, claim) in inner.store.claim_due(&inner.node, now, inner.lease_until(), room).await? {
+        let fence = Fence { root: run.id.clone(), epoch: claim.epoch };
+        if inner.active.lock().expect("active").contains_key(&run.id) {
+            // Its driver here let the lease lapse and is now fenced; the run
+            // goes back to the store for the next poll.
+            let _ = inner.store.release(&inner.node, &fence).await;
+            continue;
+        }
+        // One run that cannot be started (its definition no longer
+        // compiles) does not stop the others, and is not kept.
+        match inner.definition(&run.definition).await {
+            Ok(def) => {
+                tracing::info!(run = %run.id, workflow = %run.workflow, "picking up run");
+                inner.timers.lock().expect("timers").remove(&run.id);
+                dispatch(inner, run.id.clone(), claim, def, None);
+            }
+            Err(e) => {
+                tracing::warn!(run = %run.id, error = %e, "picking up run");
+                let _ = inner.store.release(&inner.node, &fence).await;
+            }
         }
     }
     Ok(())

@@ -182,6 +182,10 @@ pub trait Store: Send + Sync + 'static {
     /// or their owner's lease expired). Parked runs not yet due are not
     /// returned.
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>>;
+    /// Claims up to `limit` of the runs [`Store::claimable`] would return, in
+    /// one statement, most overdue first: a worker's pick-up without a
+    /// read-then-claim race per run. Returns each run as claimed.
+    async fn claim_due(&self, node: &str, now: i64, lease_until: i64, limit: i64) -> Result<Vec<(RunRecord, Claim)>>;
     /// Parked root runs nobody holds that are due after `now`, soonest
     /// first, as `(id, wake_at)`: a worker sets its timers from them.
     async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>>;

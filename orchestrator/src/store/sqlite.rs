@@ -165,6 +165,20 @@ macro_rules! select_runs {
     };
 }
 
+/// `WHERE ... ORDER BY ... LIMIT` of the runs a worker should pick up (bind
+/// `?1` = now, `?2` = limit): parked runs that are due, unfinished runs
+/// nobody holds, runs whose owner's lease expired; most overdue first.
+macro_rules! due_runs {
+    () => {
+        "WHERE parent_id IS NULL AND ( \
+           (status = 'waiting' AND owner IS NULL AND wake_at <= ?1) \
+           OR (status IN ('queued', 'running') AND owner IS NULL) \
+           OR (status IN ('queued', 'running', 'waiting') AND owner IS NOT NULL AND lease_until < ?1)) \
+         ORDER BY CASE WHEN owner IS NULL AND status = 'waiting' THEN wake_at \
+                  WHEN owner IS NULL THEN updated_at ELSE lease_until END, id LIMIT ?2"
+    };
+}
+
 async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &[(&str, i64, &Encoded)]) -> Result<()> {
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO journal (run_id, seq, at, kind, event) ");
@@ -317,19 +331,40 @@ impl Store for SqliteStore {
     }
 
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>> {
-        let rows = sqlx::query(select_runs!(
-            "WHERE parent_id IS NULL AND ( \
-               (status = 'waiting' AND owner IS NULL AND wake_at <= ?1) \
-               OR (status IN ('queued', 'running') AND owner IS NULL) \
-               OR (status IN ('queued', 'running', 'waiting') AND owner IS NOT NULL AND lease_until < ?1)) \
-             ORDER BY CASE WHEN owner IS NULL AND status = 'waiting' THEN wake_at \
-                      WHEN owner IS NULL THEN updated_at ELSE lease_until END, id LIMIT ?2"
+        let rows =
+            sqlx::query(concat!(select_runs!(""), due_runs!())).bind(now).bind(limit).fetch_all(&self.read).await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn claim_due(&self, node: &str, now: i64, lease_until: i64, limit: i64) -> Result<Vec<(RunRecord, Claim)>> {
+        let rows = sqlx::query(concat!(
+            "UPDATE runs SET owner = ?3, epoch = epoch + 1, lease_until = ?4, updated_at = ?1 \
+             WHERE id IN (SELECT id FROM runs ",
+            due_runs!(),
+            ") RETURNING id, root_id, parent_id, workflow, version, definition, status, input, output, error, \
+             owner, epoch, lease_until, wake_at, cancel_requested, created_at, updated_at, finished_at, cancel_actor"
         ))
         .bind(now)
         .bind(limit)
-        .fetch_all(&self.read)
+        .bind(node)
+        .bind(lease_until)
+        .fetch_all(&self.write)
         .await?;
-        rows.iter().map(record).collect()
+        let mut claimed = rows
+            .iter()
+            .map(|row| {
+                let run = record(row)?;
+                let claim = Claim {
+                    epoch: run.epoch,
+                    cancel_requested: run.cancel_requested,
+                    cancel_actor: row.try_get("cancel_actor")?,
+                };
+                Ok((run, claim))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // RETURNING has no order of its own.
+        claimed.sort_by_key(|(run, _)| (run.wake_at.unwrap_or(run.created_at), run.id.clone()));
+        Ok(claimed)
     }
 
     async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>> {

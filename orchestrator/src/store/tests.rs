@@ -204,4 +204,11 @@ async fn claimable_runs_are_the_due_and_the_orphaned_most_overdue_first() {
     let next = store.next_wakes(1_000, 2).await.unwrap();
     assert_eq!(next, [("later000".to_owned(), 1_000_000), ("later001".to_owned(), 1_000_000)]);
     assert_eq!(store.next_wakes(0, 1).await.unwrap(), [("due_early".to_owned(), 100)]);
+    // Claiming them in one statement takes the same runs; a second claim finds none.
+    let claimed = store.claim_due("w", 1_000, 9_000, 10).await.unwrap();
+    let mut ids: Vec<&str> = claimed.iter().map(|(r, _)| r.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["due_early", "due_late", "orphan"]);
+    assert!(claimed.iter().all(|(r, c)| r.owner.as_deref() == Some("w") && c.epoch == r.epoch && c.epoch == 2));
+    assert!(store.claim_due("w2", 1_000, 9_000, 10).await.unwrap().is_empty());
 }
