@@ -827,9 +827,11 @@ async fn poll_loop(inner: Arc<Inner>) {
         if let Err(e) = poll_once(&inner).await {
             tracing::warn!(error = %e, "polling the store");
         }
-        // Real time, not the engine clock: this is housekeeping cadence.
+        // Real time, not the engine clock: this is housekeeping cadence. A
+        // change the store can report (a lease given back, a cancel asked
+        // for) ends the wait early.
         tokio::select! {
-            _ = tokio::time::sleep(inner.options.poll_interval) => {}
+            _ = inner.store.changed(inner.options.poll_interval) => {}
             _ = inner.shutdown.cancelled() => return,
         }
     }

@@ -198,6 +198,14 @@ pub trait Store: Send + Sync + 'static {
     /// Runs owned by `node` whose cancellation was requested, with who asked.
     async fn cancel_requests(&self, node: &str) -> Result<Vec<(String, Option<String>)>>;
     async fn request_cancel(&self, id: &str, actor: Option<&str>, now: i64) -> Result<()>;
+
+    /// Resolves when something a worker acts on may have changed (a lease was
+    /// given back, a cancel was requested), or after `within` at the latest:
+    /// the engine's poll waits on it. A store that cannot be told by other
+    /// processes waits `within`; PostgreSQL will use `LISTEN/NOTIFY`.
+    async fn changed(&self, within: std::time::Duration) {
+        tokio::time::sleep(within).await
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,6 +39,9 @@ pub struct SqliteOptions {
 pub struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
+    /// Changes made through this store, for [`Store::changed`] (SQLite
+    /// cannot tell other processes; they see changes at their next poll).
+    changes: Arc<tokio::sync::Notify>,
 }
 
 impl SqliteStore {
@@ -64,7 +68,7 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(connect.read_only(true))
             .await?;
-        Ok(Self { write, read })
+        Ok(Self { write, read, changes: Arc::default() })
     }
 }
 
@@ -367,6 +371,10 @@ impl Store for SqliteStore {
         Ok(claimed)
     }
 
+    async fn changed(&self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.changes.notified()).await;
+    }
+
     async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT id, wake_at FROM runs WHERE parent_id IS NULL AND status = 'waiting' AND owner IS NULL \
@@ -400,6 +408,7 @@ impl Store for SqliteStore {
             .bind(fence.epoch)
             .execute(&self.write)
             .await?;
+        self.changes.notify_waiters();
         Ok(())
     }
 
@@ -408,6 +417,7 @@ impl Store for SqliteStore {
             .bind(node)
             .execute(&self.write)
             .await?;
+        self.changes.notify_waiters();
         Ok(())
     }
 
@@ -430,6 +440,7 @@ impl Store for SqliteStore {
         if done.rows_affected() == 0 {
             return Err(Error::NotFound(id.to_owned()));
         }
+        self.changes.notify_waiters();
         Ok(())
     }
 }
