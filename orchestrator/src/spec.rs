@@ -121,7 +121,10 @@ pub fn parse(source: &str, is_json: bool) -> Result<Spec, String> {
         options.with_snippet = false;
         // YAML 1.2 booleans only: `n`, `no`, `on`, `y` stay strings.
         options.strict_booleans = true;
-        serde_saphyr::from_str_with_options(source, options).map_err(|e| e.to_string())
+        // The library suggests changing its options; that is not the
+        // user's to do.
+        serde_saphyr::from_str_with_options(source, options)
+            .map_err(|e| e.to_string().replace(", set DuplicateKeyPolicy in Options if acceptable", ""))
     }
 }
 

@@ -230,6 +230,7 @@ fn called_files_outside_the_bundle_are_refused_without_quoting_them() {
 fn yaml_files_reject_duplicate_keys_and_deep_nesting_quickly() {
     let joined = errors_text(&errors("name: w\nname: v\nsteps:\n  - {id: a, kind: transform, with: {x: 1, x: 2}}\n"));
     assert!(joined.to_lowercase().contains("duplicate"), "{joined}");
+    assert!(!joined.contains("Options"), "{joined}");
     let started = std::time::Instant::now();
     let deep = format!("name: w\nsteps: {}", "[".repeat(80_000));
     let joined = errors_text(&errors(&deep));
