@@ -13,7 +13,7 @@ use switchyard_orchestrator::workflow::Bundle;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data).into_owned();
-    let registry = switchyard_orchestrator::registry(Arc::new(NoHttp));
+    let registry = switchyard_orchestrator::registry(Arc::new(switchyard_steps::http::Offline));
     let caller = "name: caller\nsteps:\n  - {id: c, kind: workflow, with: {path: called.yaml}}\n".to_owned();
     let bundles = [
         Bundle { root: "wf.yaml".into(), files: BTreeMap::from([("wf.yaml".to_owned(), text.clone())]) },
@@ -32,15 +32,3 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 });
-
-struct NoHttp;
-
-#[async_trait::async_trait]
-impl switchyard_steps::http::HttpClient for NoHttp {
-    async fn send(
-        &self,
-        _request: switchyard_steps::http::HttpRequest,
-    ) -> Result<switchyard_steps::http::HttpResponse, switchyard_steps::http::HttpError> {
-        Err(switchyard_steps::http::HttpError::Invalid("no network while fuzzing".into()))
-    }
-}

@@ -131,7 +131,12 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
     let url = dir.join("bench.db").display().to_string();
     let store = Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full }).await?);
     let options = EngineOptions { max_concurrent_runs: 1024, ..Default::default() };
-    let engine = Engine::start(store, crate::registry(Arc::new(NoNetwork)), Arc::new(SystemClock), options);
+    let engine = Engine::start(
+        store,
+        crate::registry(Arc::new(switchyard_steps::http::Offline)),
+        Arc::new(SystemClock),
+        options,
+    );
     let mode = if synchronous_full { "sqlite-wal-full" } else { "sqlite-wal-normal" };
     let note = if synchronous_full {
         "in-process trigger; every step's output committed (WAL, synchronous=FULL, fsync) before the next step starts; group commit across runs"
@@ -240,19 +245,6 @@ async fn parked(engine: &Engine, kind: &str, n: usize) -> Result<f64> {
     }
     settle().await?;
     Ok((rss_bytes()? - before) / n as f64)
-}
-
-/// The workloads make no HTTP calls.
-struct NoNetwork;
-
-#[async_trait::async_trait]
-impl switchyard_steps::http::HttpClient for NoNetwork {
-    async fn send(
-        &self,
-        _request: switchyard_steps::http::HttpRequest,
-    ) -> Result<switchyard_steps::http::HttpResponse, switchyard_steps::http::HttpError> {
-        Err(switchyard_steps::http::HttpError::Invalid("the benchmark makes no HTTP calls".into()))
-    }
 }
 
 #[cfg(test)]

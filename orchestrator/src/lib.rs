@@ -35,19 +35,3 @@ pub use workflow::{Definition, Workflow};
 pub fn registry(http: Arc<dyn HttpClient>) -> Registry {
     Registry::new().with(Transform).with(Http::new(http)).with(Sleep).with(Fail)
 }
-
-#[cfg(test)]
-pub(crate) mod testing {
-    use async_trait::async_trait;
-    use switchyard_steps::http::{HttpClient, HttpError, HttpRequest, HttpResponse};
-
-    /// An HTTP port for tests that never touch the network.
-    pub struct NoHttp;
-
-    #[async_trait]
-    impl HttpClient for NoHttp {
-        async fn send(&self, _request: HttpRequest) -> Result<HttpResponse, HttpError> {
-            Err(HttpError::Connect("no network in unit tests".into()))
-        }
-    }
-}

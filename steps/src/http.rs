@@ -47,3 +47,14 @@ pub enum HttpError {
 pub trait HttpClient: Send + Sync {
     async fn send(&self, request: HttpRequest) -> Result<HttpResponse, HttpError>;
 }
+
+/// An HTTP port that refuses every request: for work that must not reach
+/// the network (the benchmark, unit tests, fuzzing).
+pub struct Offline;
+
+#[async_trait]
+impl HttpClient for Offline {
+    async fn send(&self, _request: HttpRequest) -> Result<HttpResponse, HttpError> {
+        Err(HttpError::Invalid("this engine makes no HTTP requests".into()))
+    }
+}
