@@ -192,6 +192,18 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                     }
                 }
             }
+            "signals" => {
+                let n = 10_000;
+                match signals(&engine, n).await {
+                    Ok(mut line) => {
+                        line["workload"] = json!("signals");
+                        line["metric"] = json!("memory");
+                        line["n"] = json!(n);
+                        emit(line)
+                    }
+                    Err(e) => emit(json!({"workload": "signals", "metric": "memory", "n": n, "error": e.to_string()})),
+                }
+            }
             other => bail!("unknown workload {other:?}"),
         }
     }
@@ -204,6 +216,64 @@ fn rss_bytes() -> Result<f64> {
     let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
     let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).context("parsing statm")?;
     Ok(pages * 4096.0)
+}
+
+/// Peak resident memory of this process so far (`VmHWM`, Linux).
+fn peak_rss_bytes() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("parsing VmHWM")?;
+    Ok(kb * 1024.0)
+}
+
+/// A `map` of `n` items whose children each wait for a signal: the root
+/// parks once every child waits; then every child is signalled and the run
+/// completes. Reports the memory held per parked child (the growth of
+/// resident memory until the root parked, divided by `n`), the peak, and
+/// the times. Switchyard's own measurement, not one of WORKLOADS.md.
+async fn signals(engine: &Engine, n: usize) -> Result<Value> {
+    let yaml = "name: approvals
+steps:
+  - id: each
+    kind: map
+    with:
+      items: \"{{ range(input.n) | list }}\"
+      concurrency: 50
+      steps:
+        - {id: gate, kind: wait, with: {signal: go}}
+      output: \"{{ steps.gate.output.payload }}\"
+output: \"{{ steps.each.output | length }}\"
+";
+    let def = compile_text("approvals.yaml", yaml.to_owned(), engine)?;
+    let before = rss_bytes()?;
+    let start = Instant::now();
+    let id = engine.submit(&def, json!({"n": n})).await?;
+    let parked = engine.wait_settled(&id).await?;
+    if parked.status != RunStatus::Waiting || engine.active_runs() != 0 {
+        bail!("run {id} did not park: {}", parked.status);
+    }
+    let park_s = start.elapsed().as_secs_f64();
+    let held = rss_bytes()? - before;
+    let start = Instant::now();
+    for i in 0..n {
+        engine.signal(&format!("{id}/each/{i}"), "go", json!(i), Some("bench")).await?;
+    }
+    let signal_s = start.elapsed().as_secs_f64();
+    let done = engine.wait(&id).await?;
+    if done.status != RunStatus::Succeeded || done.output != Some(json!(n)) {
+        bail!("run {id} ended {} with {:?}", done.status, done.output.or(done.error.map(|e| json!(e.message))));
+    }
+    Ok(json!({
+        "park_all_s": round3(park_s),
+        "signal_all_s": round3(signal_s),
+        "complete_s": round3(start.elapsed().as_secs_f64()),
+        "rss_bytes_per_parked_child": (held / n as f64).round(),
+        "peak_rss_mb": round(peak_rss_bytes()? / 1_048_576.0),
+        "completed": true,
+    }))
 }
 
 /// Growth of resident memory per run waiting in a one-hour sleep: `root`

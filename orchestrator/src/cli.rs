@@ -15,7 +15,7 @@ use switchyard_steps::{Registry, SystemClock};
 use crate::engine::{Cancelled, CommitError, Engine, EngineOptions, Error as EngineError, RunOutcome, Submitted};
 use crate::journal::RunStatus;
 use crate::report::{printable, printable_lines};
-use crate::store::{self, SqliteOptions, SqliteStore, Store};
+use crate::store::{self, Signalled, SqliteOptions, SqliteStore, Store};
 use crate::{compile, files, report};
 
 /// Exit code for invalid workflows, inputs and usage.
@@ -105,6 +105,9 @@ enum Workload {
     Fanout100,
     /// Memory per parked run (root and map child); not part of `all`.
     Parked,
+    /// A map of 10,000 children waiting for signals: memory, then signal
+    /// them all; not part of `all`.
+    Signals,
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {
@@ -137,6 +140,15 @@ enum Command {
     Runs {
         #[command(subcommand)]
         command: RunsCommand,
+    },
+    /// Send a signal to a run (root or child) whose step waits for it
+    /// (`kind: wait`); the process holding the run, or a worker, goes on.
+    Signal {
+        run: String,
+        name: String,
+        /// The signal's payload: JSON text, or @path to a JSON file.
+        #[arg(long, default_value = "null")]
+        data: String,
     },
     /// Run queued, unfinished and waking runs from the database.
     Worker {
@@ -287,7 +299,10 @@ fn engine(cli: &Cli, store: Arc<dyn Store>, registry: Registry, worker: bool) ->
 }
 
 async fn execute(cli: Cli) -> Result<ExitCode> {
-    let opens_db = matches!(cli.command, Command::Run { .. } | Command::Runs { .. } | Command::Worker { .. });
+    let opens_db = matches!(
+        cli.command,
+        Command::Run { .. } | Command::Runs { .. } | Command::Worker { .. } | Command::Signal { .. }
+    );
     if opens_db && let Err(e) = check_db(&cli.db) {
         errln!("error: {e}");
         return Ok(ExitCode::from(EXIT_INVALID));
@@ -379,6 +394,41 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             let store = open_store(&cli).await?;
             runs(&cli, store, command).await
         }
+        Command::Signal { run, name, data } => {
+            let payload = match read_input(data) {
+                Ok(v) => v,
+                Err(e) => {
+                    errln!("error: --data: {}", printable_lines(&format!("{e:#}")));
+                    return Ok(ExitCode::from(EXIT_INVALID));
+                }
+            };
+            let store = open_store(&cli).await?;
+            let engine = engine(&cli, store, registry()?, false);
+            let result = engine.signal(run, name, payload, Some(&actor())).await;
+            engine.shutdown().await;
+            let (run, name) = (printable(run), printable(name));
+            let refused = |why: String| {
+                errln!("error: {why}");
+                Ok(ExitCode::from(EXIT_INVALID))
+            };
+            match result {
+                Ok(Signalled::Delivered { waiting: true, .. }) => {
+                    outln!("signal {name} sent to run {run}; the process holding it, or a worker, goes on")?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(Signalled::Delivered { waiting: false, .. }) => {
+                    outln!("signal {name} sent to run {run}; no step waits for it yet: the first that does gets it")?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(Signalled::Duplicate) => refused(format!("run {run} already received signal {name}")),
+                Ok(Signalled::NotWaiting) => refused(format!("run {run} no longer waits for signal {name}")),
+                Ok(Signalled::Finished(status)) => refused(format!("run {run} is already {status}")),
+                Err(e @ (EngineError::NotFound(_) | EngineError::InvalidInput(_))) => {
+                    refused(printable_lines(&e.to_string()).into_owned())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Worker { exit_when_idle } => {
             let store = open_store(&cli).await?;
             let engine = engine(&cli, store, registry()?, true);
@@ -405,6 +455,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 Workload::Chain40 => &["chain40"],
                 Workload::Fanout100 => &["fanout100"],
                 Workload::Parked => &["parked"],
+                Workload::Signals => &["signals"],
             };
             crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full).await?;
             Ok(ExitCode::SUCCESS)

@@ -11,6 +11,17 @@
 //! deeper or larger than [`limits`](crate::limits) allow, so a lazily repeated
 //! list (`[0] * 100000000`) fails instead of filling memory.
 //!
+//! A value can stand for far more items than it took to make: `[0] * n` is a
+//! lazy list of `n` items, and `{% set a = [a, a] %}` doubles what `a` stands
+//! for at the cost of one list. minijinja charges fuel for visiting the items
+//! of a list, but not for the items of the items it visits, nor for printing
+//! a value into a string. So printing (the formatter) and the built-in filters
+//! and tests that print, compare or hash their arguments whole are wrapped
+//! (`guard_walking_builtins`): they measure the arguments first, refuse
+//! ones larger than printing allows and charge fuel for the measuring. The
+//! operators (`~`, `==`, `<`, `in`...) cannot be wrapped; see the README's
+//! known limits.
+//!
 //! A *value template* is any JSON value whose strings may contain template
 //! syntax. A string that is exactly one `{{ expression }}` evaluates to the
 //! expression's value with its JSON type (a number stays a number); any other
@@ -19,7 +30,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use minijinja::{AutoEscape, Environment, UndefinedBehavior, Value as MjValue};
+use minijinja::value::{Rest, ValueOrKwargs};
+use minijinja::{AutoEscape, Environment, Error as MjError, State, UndefinedBehavior, Value as MjValue};
 use serde_json::Value;
 
 use crate::limits;
@@ -50,27 +62,135 @@ impl Default for Templates {
         env.set_recursion_limit(64);
         env.remove_global("debug");
         env.remove_global("namespace");
-        // `[0] * n` builds a *lazy* list that costs no fuel until it is
-        // used, and printing it writes everything before fuel is charged.
-        // Every path that prints a whole value measures it first.
         env.set_formatter(|out, state, value| {
             bounded(value)?;
             minijinja::escape_formatter(out, state, value)
         });
-        env.add_filter("string", |state: &minijinja::State, value: &MjValue| {
-            bounded(value)?;
-            minijinja::filters::string(state, value)
-        });
-        env.add_filter("tojson", |value: &MjValue, indent: Option<MjValue>, args: minijinja::value::Kwargs| {
-            bounded(value)?;
-            minijinja::filters::tojson(value, indent, args)
-        });
-        env.add_filter("pprint", |value: &MjValue| -> Result<String, minijinja::Error> {
-            bounded(value)?;
-            Ok(minijinja::filters::pprint(value))
-        });
+        guard_walking_builtins(&mut env);
         Self { env }
     }
+}
+
+/// Built-in filters that walk their arguments whole in one call: they print
+/// them into a string (`join` and `format` print every item), or compare or
+/// hash every item with every other.
+const WALKING_FILTERS: [&str; 21] = [
+    "string",
+    "tojson",
+    "pprint",
+    "safe",
+    "escape",
+    "e",
+    "lower",
+    "upper",
+    "title",
+    "capitalize",
+    "trim",
+    "replace",
+    "indent",
+    "format",
+    "join",
+    "sort",
+    "unique",
+    "min",
+    "max",
+    "dictsort",
+    "groupby",
+];
+
+/// Built-in tests that compare or print their arguments whole.
+const WALKING_TESTS: [&str; 18] = [
+    "eq",
+    "equalto",
+    "==",
+    "ne",
+    "!=",
+    "lt",
+    "lessthan",
+    "<",
+    "le",
+    "<=",
+    "gt",
+    "greaterthan",
+    ">",
+    "ge",
+    ">=",
+    "in",
+    "startingwith",
+    "endingwith",
+];
+
+/// Replaces the [`WALKING_FILTERS`] and [`WALKING_TESTS`] with wrappers that
+/// [`measure`] every argument, then call the built-in.
+fn guard_walking_builtins(env: &mut Environment<'static>) {
+    // minijinja reaches a built-in only through a state of the environment it
+    // is in, so a copy made before they are replaced keeps them. The copy has
+    // the same settings, and one empty template per auto-escape mode, so that
+    // a built-in runs in a state escaping as the caller's does.
+    let mut builtins = env.clone();
+    builtins.set_auto_escape_callback(|name| match name {
+        "html" => AutoEscape::Html,
+        "json" => AutoEscape::Json,
+        _ => AutoEscape::None,
+    });
+    for mode in ["none", "html", "json"] {
+        builtins.add_template(mode, "").expect("an empty template parses");
+    }
+    let builtins = Arc::new(builtins);
+    for name in WALKING_FILTERS {
+        let builtins = Arc::clone(&builtins);
+        env.add_filter(name, move |state: &State, args: Rest<ValueOrKwargs>| {
+            let args = args.into_values();
+            measure(state, &args)?;
+            call_builtin(&builtins, state, |builtin| builtin.apply_filter(name, &args))
+        });
+    }
+    for name in WALKING_TESTS {
+        let builtins = Arc::clone(&builtins);
+        env.add_test(name, move |state: &State, args: Rest<ValueOrKwargs>| {
+            let args = args.into_values();
+            measure(state, &args)?;
+            call_builtin(&builtins, state, |builtin| builtin.perform_test(name, &args))
+        });
+    }
+}
+
+/// Runs `call` in a fresh state of `builtins` escaping as `state` does, and
+/// charges the fuel it spent to `state`. The fresh state has a whole budget
+/// of its own, so one call can overspend by at most one budget before `state`
+/// runs out.
+fn call_builtin<T>(
+    builtins: &Environment<'static>,
+    state: &State,
+    call: impl FnOnce(&mut State) -> Result<T, MjError>,
+) -> Result<T, MjError> {
+    let mode = match state.auto_escape() {
+        AutoEscape::Html => "html",
+        AutoEscape::Json => "json",
+        _ => "none",
+    };
+    let template = builtins.get_template(mode)?;
+    let mut builtin = template.new_state();
+    let result = call(&mut builtin);
+    if let Some((spent, _)) = builtin.fuel_levels() {
+        state.consume_fuel(spent)?;
+    }
+    result
+}
+
+/// Items visited per unit of fuel when measuring (minijinja's own filters
+/// charge about the same per item they visit).
+const ITEMS_PER_FUEL: usize = 2;
+
+/// Refuses arguments that are too large to print ([`bounded`]) and charges
+/// fuel for the items visited measuring them, so that walking a value many
+/// times, one call after another, is paid for.
+fn measure(state: &State, args: &[MjValue]) -> Result<(), MjError> {
+    for arg in args {
+        let items = bounded(arg)?;
+        state.consume_fuel((items / ITEMS_PER_FUEL) as u64)?;
+    }
+    Ok(())
 }
 
 /// A parsed expression (kept as source; parsing is microseconds).
@@ -102,7 +222,7 @@ pub type ParsedValue = (ValueTemplate, Vec<(String, Refs)>);
 #[error("{0}")]
 pub struct EvalError(pub String);
 
-fn describe(e: &minijinja::Error) -> String {
+fn describe(e: &MjError) -> String {
     let mut text = e.kind().to_string();
     if let Some(detail) = e.detail() {
         text.push_str(": ");
@@ -249,6 +369,12 @@ fn convert(value: &MjValue, depth: usize, budget: &mut usize) -> Result<Value, S
         Ok(())
     }
     spend(budget, 8)?;
+    let container = matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable | ValueKind::Map);
+    // Every item costs at least 8, so a length known up front refuses a huge
+    // lazy list without walking it.
+    if container && value.len().is_some_and(|n| n.saturating_mul(8) > *budget) {
+        return Err(format!("value is larger than {} bytes", limits::MAX_VALUE_BYTES));
+    }
     Ok(match value.kind() {
         ValueKind::Undefined => return Err("value is undefined".into()),
         ValueKind::None => Value::Null,
@@ -275,7 +401,13 @@ fn convert(value: &MjValue, depth: usize, budget: &mut usize) -> Result<Value, S
             let mut map = serde_json::Map::new();
             for key in value.try_iter().map_err(|e| describe(&e))? {
                 let item = value.get_item(&key).map_err(|e| describe(&e))?;
-                let key = key.as_str().map(str::to_owned).unwrap_or_else(|| key.to_string());
+                let key = match key.as_str() {
+                    Some(key) => key.to_owned(),
+                    None => {
+                        bounded(&key).map_err(|e| describe(&e))?;
+                        key.to_string()
+                    }
+                };
                 spend(budget, key.len())?;
                 map.insert(key, convert(&item, depth + 1, budget)?);
             }
@@ -296,11 +428,12 @@ const MAX_PRINTED_ITEMS: usize = 1_000_000;
 
 /// Refuses, before printing, a list or map with more than
 /// [`MAX_PRINTED_ITEMS`] items in all or deeper than [`limits::MAX_DEPTH`].
-/// Walks lazily, so a lazy list is counted without being built.
-fn bounded(value: &MjValue) -> Result<(), minijinja::Error> {
+/// Walks lazily, so a lazy list is counted without being built, and counts an
+/// item each time it is reached, as printing would. Returns the items counted.
+fn bounded(value: &MjValue) -> Result<usize, MjError> {
     use minijinja::value::ValueKind;
     if !matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable | ValueKind::Map) {
-        return Ok(());
+        return Ok(0);
     }
     let mut items = 0usize;
     let mut stack = vec![(value.clone(), 0usize)];
@@ -321,15 +454,18 @@ fn bounded(value: &MjValue) -> Result<(), minijinja::Error> {
             if items > MAX_PRINTED_ITEMS {
                 return Err(too_big(format!("value has more than {MAX_PRINTED_ITEMS} items")));
             }
-            let item = if is_map { v.get_item(&item)? } else { item };
+            if is_map {
+                // A key is printed too, and may be a list.
+                stack.push((v.get_item(&item)?, depth + 1));
+            }
             stack.push((item, depth + 1));
         }
     }
-    Ok(())
+    Ok(items)
 }
 
-fn too_big(message: String) -> minijinja::Error {
-    minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message)
+fn too_big(message: String) -> MjError {
+    MjError::new(minijinja::ErrorKind::InvalidOperation, message)
 }
 
 fn number(value: &MjValue) -> Result<Value, String> {
@@ -403,21 +539,6 @@ mod tests {
         let carried = "{% set x = 1 %}{% for i in range(10000) %}{% set x = [x] %}{% endfor %}{{ x }}";
         let (tpl, _) = t.value("carried", &json!(carried)).unwrap();
         assert_eq!(t.render(&tpl, &ctx()).unwrap(), json!("1"));
-        // A lazily repeated list is refused before it is built.
-        let (e, _) = t.expr("[0] * 100000000").unwrap();
-        assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("larger than"));
-        let (e, _) = t.expr("'x' * 100000000").unwrap();
-        assert!(t.eval(&e, &ctx()).is_err());
-        // Printing a huge lazy list is refused before it is written.
-        for src in ["x{{ [0] * 579 * 85790 }}", "{{ ([0] * 10000000) | tojson }}", "{{ ([0] * 10000000) | string }}"] {
-            let (tpl, _) = t.value("print", &json!(src)).unwrap();
-            let started = std::time::Instant::now();
-            let err = t.render(&tpl, &ctx()).unwrap_err().0;
-            assert!(err.contains("items"), "{src}: {err}");
-            assert!(started.elapsed() < std::time::Duration::from_secs(1), "{src}: {:?}", started.elapsed());
-        }
-        let (tpl, _) = t.value("ok", &json!("{{ [1, 2] | tojson }} {{ [1, 2] }} {{ {'a': 1} | string }}")).unwrap();
-        assert_eq!(t.render(&tpl, &ctx()).unwrap(), json!("[1, 2] [1, 2] {'a': 1}"));
         // No debug(), no include.
         let (e, _) = t.expr("debug()").unwrap();
         assert!(t.eval(&e, &ctx()).is_err());
@@ -427,6 +548,117 @@ mod tests {
         let nested = format!("{}1{}", "[".repeat(70), "]".repeat(70));
         let (e, _) = t.expr(&nested).unwrap();
         assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("levels deep"));
+    }
+
+    /// Renders `src` and returns its error.
+    fn render_err(t: &mut Templates, src: &str) -> String {
+        let (tpl, _) = t.value("t", &json!(src)).unwrap();
+        t.render(&tpl, &ctx()).unwrap_err().0
+    }
+
+    #[test]
+    fn huge_values_are_refused_before_they_are_walked() {
+        let mut t = Templates::default();
+        // As a result, a lazily repeated list is refused before it is built.
+        let (e, _) = t.expr("[0] * 100000000").unwrap();
+        assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("larger than"));
+        let (e, _) = t.expr("[[0] * 100000000] * 2").unwrap();
+        assert!(t.eval(&e, &ctx()).unwrap_err().0.contains("larger than"));
+        let (e, _) = t.expr("'x' * 100000000").unwrap();
+        assert!(t.eval(&e, &ctx()).is_err());
+        // Printing, and every filter or test that prints, compares or hashes
+        // a whole value, refuses a huge lazy list, or a short list of them.
+        let uses = [
+            "x{{ X }}",
+            "{{ X | string }}",
+            "{{ X | tojson }}",
+            "{{ X | pprint }}",
+            "{{ X | join }}",
+            "{{ X | join(', ') }}",
+            "{{ '%s' | format(X) }}",
+            "{{ X | safe }}",
+            "{{ X | e }}",
+            "{{ X | lower }}",
+            "{{ X | replace('0', '1') }}",
+            "{{ X | indent(2) }}",
+            "{{ X | sort }}",
+            "{{ X | unique | list }}",
+            "{{ X | min }}",
+            "{{ X | max }}",
+            "{{ X | groupby(0) }}",
+            "{{ dict(a=X, b=X) | dictsort(by='value') }}",
+            "{{ X is eq X }}",
+            "{{ X is startingwith 'x' }}",
+            "{{ X is in [X] }}",
+            "{{ [X] | select('eq', X) | list }}",
+            "{{ [X] | map('lower') | list }}",
+            "x{{ {X: 1} }}",
+            "{{ {X: 1} | string }}",
+        ];
+        for huge in ["([0] * 579 * 85790)", "([[0] * 100000000] * 2)"] {
+            for src in uses {
+                let src = src.replace('X', huge);
+                let err = render_err(&mut t, &src);
+                assert!(err.contains("more than 1000000 items"), "{src}: {err}");
+            }
+        }
+        // A list nested in itself stands for as many items without any `*`.
+        let nested = format!(
+            "{{% set a = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0] %}}{}",
+            "{% set a = [a, a, a, a, a, a, a, a, a, a] %}".repeat(7)
+        );
+        for src in ["{{ a | join }}", "{{ a is eq a[:] }}"] {
+            let err = render_err(&mut t, &format!("{nested}{src}"));
+            assert!(err.contains("more than 1000000 items"), "{src}: {err}");
+        }
+    }
+
+    #[test]
+    fn measuring_a_value_costs_fuel() {
+        let mut t = Templates::default();
+        // Each test call visits 200,000 items, so a hundred of them run out.
+        let src = "{% for i in range(100) %}{{ ([0] * 100000) is eq ([0] * 100000) }}{% endfor %}";
+        assert!(render_err(&mut t, src).contains("fuel"));
+        // A loop over a lazily repeated list pays per item.
+        assert!(render_err(&mut t, "{% for x in [0] * 100000000 %}{% endfor %}").contains("fuel"));
+        assert!(render_err(&mut t, "{% for x in [0] * 1000000000 %}{% endfor %}").contains("too large"));
+    }
+
+    #[test]
+    fn repetition_and_the_wrapped_builtins_still_work() {
+        let mut t = Templates::default();
+        for (src, want) in [
+            ("[1, 2] * 2", json!([1, 2, 1, 2])),
+            ("'ab' * 3", json!("ababab")),
+            ("steps.a.output * 2", json!([1, 2, 1, 2])),
+            ("([0] * 1000) | length", json!(1000)),
+            ("[3, 1, 2] | sort", json!([1, 2, 3])),
+            ("[{'a': 2}, {'a': 1}] | sort(attribute='a', reverse=true)", json!([{"a": 2}, {"a": 1}])),
+            ("[1, 1, 2] | unique | list", json!([1, 2])),
+            ("[1, 2, 3] | sum", json!(6)),
+            ("[[1, 2, 1], [3]] | min", json!([1, 2, 1])),
+            ("[1, 2, 3] | max", json!(3)),
+            ("{'b': 1, 'a': 2} | dictsort(by='value')", json!([["b", 1], ["a", 2]])),
+            ("[{'k': 1}, {'k': 1}] | groupby('k') | length", json!(1)),
+            ("[1, 2, 3] | select('eq', 2) | list", json!([2])),
+            ("steps.a.output is eq [1, 2]", json!(true)),
+            ("2 is in steps.a.output", json!(true)),
+            ("{'a': 1} | tojson(indent=2)", json!("{\n  \"a\": 1\n}")),
+        ] {
+            let (e, _) = t.expr(src).unwrap();
+            assert_eq!(t.eval(&e, &ctx()).unwrap(), want, "{src}");
+        }
+        for (src, want) in [
+            ("{{ steps.a.output | join(', ') }} {{ [1, 2] * 2 }}", "1, 2 [1, 2, 1, 2]"),
+            ("{{ '%s-%d' | format(input.name, 3) }} {{ 'A' | lower }}{{ ' b ' | trim | upper }}", "db-3 aB"),
+            ("{{ 'aaa' | replace('a', 'b', count=2) }} {{ 'a\nb' | indent(2) }}", "bba a\n  b"),
+            ("{{ [1, 'a'] | string }} {{ [1] | tojson }} {{ '<' | e }}", "[1, 'a'] [1] &lt;"),
+            // Built-ins run escaping as their caller does.
+            ("{% autoescape true %}{{ ['<a>', '<b>' | safe] | join(', ') }}{% endautoescape %}", "&lt;a&gt;, <b>"),
+        ] {
+            let (tpl, _) = t.value("ok", &json!(src)).unwrap();
+            assert_eq!(t.render(&tpl, &ctx()).unwrap(), json!(want), "{src}");
+        }
     }
 
     #[test]

@@ -48,13 +48,35 @@ pub enum Event {
         attempt: u32,
         until: i64,
     },
+    /// The step waits durably for signal `signal` (with no name: for a child
+    /// run it drives to be woken), at most until `until` (unix ms).
+    StepWaiting {
+        step: String,
+        attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        until: Option<i64>,
+    },
+    /// A signal sent to this run was received (it is then part of the
+    /// journal: a replay sees the same payload).
+    SignalReceived {
+        name: String,
+        payload: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        actor: Option<String>,
+        /// When it was sent (committed).
+        sent_at: i64,
+    },
     StepSkipped {
         step: String,
         reason: String,
     },
-    /// Nothing can run before `wake_at`; the run released its task and lease.
+    /// Nothing can run before `wake_at` (with none: before a signal); the run
+    /// released its task and lease.
     RunParked {
-        wake_at: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wake_at: Option<i64>,
     },
     /// A failed run was resumed; `actor` is who asked (`cli:alice`).
     RunResumed {
@@ -86,6 +108,8 @@ impl Event {
             Event::StepSucceeded { .. } => "step_succeeded",
             Event::StepFailed { .. } => "step_failed",
             Event::StepSuspended { .. } => "step_suspended",
+            Event::StepWaiting { .. } => "step_waiting",
+            Event::SignalReceived { .. } => "signal_received",
             Event::StepSkipped { .. } => "step_skipped",
             Event::RunParked { .. } => "run_parked",
             Event::RunResumed { .. } => "run_resumed",
@@ -133,7 +157,7 @@ pub enum RunStatus {
     /// Accepted, waiting for a concurrency slot.
     Queued,
     Running,
-    /// Parked until a timer (a sleep or a long retry backoff).
+    /// Parked until a timer (a sleep or a long retry backoff) or a signal.
     Waiting,
     Succeeded,
     Failed,
@@ -194,6 +218,9 @@ mod tests {
             },
             Event::RunResumed { actor: Some("cli:alice".into()) },
             Event::CancelRequested { actor: None },
+            Event::StepWaiting { step: "s".into(), attempt: 1, signal: Some("go".into()), until: None },
+            Event::SignalReceived { name: "go".into(), payload: json!({"a": 1}), actor: None, sent_at: 3 },
+            Event::RunParked { wake_at: None },
             Event::RunFinished { status: RunStatus::Succeeded, output: Some(json!(1)), error: None },
         ];
         for e in events {
@@ -205,5 +232,6 @@ mod tests {
         }
         // Journals written before `actor` existed still read.
         assert_eq!(decode(r#"{"type":"run_resumed"}"#).unwrap(), Event::RunResumed { actor: None });
+        assert_eq!(decode(r#"{"type":"run_parked","wake_at":5}"#).unwrap(), Event::RunParked { wake_at: Some(5) });
     }
 }

@@ -26,12 +26,12 @@ use std::sync::Arc;
 
 use switchyard_steps::Registry;
 use switchyard_steps::http::HttpClient;
-use switchyard_steps::kinds::{Fail, Http, Sleep, Transform};
+use switchyard_steps::kinds::{Fail, Http, Sleep, Transform, Wait};
 
 pub use engine::{Engine, EngineOptions, RunOutcome};
 pub use workflow::{Definition, Workflow};
 
 /// The step kinds this build knows.
 pub fn registry(http: Arc<dyn HttpClient>) -> Registry {
-    Registry::new().with(Transform).with(Http::new(http)).with(Sleep).with(Fail)
+    Registry::new().with(Transform).with(Http::new(http)).with(Sleep).with(Wait).with(Fail)
 }

@@ -91,6 +91,18 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
                 s.status = "waiting".into();
                 s.note = Some(format!("until {}", format_ms(*until)));
             }
+            Event::StepWaiting { step, signal, until, .. } => {
+                let s = entry(&mut by_id, &mut order, step);
+                s.status = "waiting".into();
+                let what = match signal {
+                    Some(name) => format!("for signal {name}"),
+                    None => "for its child runs".to_owned(),
+                };
+                s.note = Some(match until {
+                    Some(at) => format!("{what} until {}", format_ms(*at)),
+                    None => what,
+                });
+            }
             Event::StepSkipped { step, reason } => {
                 let s = entry(&mut by_id, &mut order, step);
                 s.status = "skipped".into();

@@ -1,11 +1,11 @@
 //! What a running step sees.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -20,6 +20,36 @@ pub struct RecordedOp {
     pub name: String,
     pub value: Value,
 }
+
+/// A signal delivered to a run (an approval, a callback), as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    pub name: String,
+    pub payload: Value,
+    /// Who sent it, if they said (`cli:alice`, an API token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// When it was committed (unix ms).
+    pub at: i64,
+}
+
+/// Longest signal name.
+pub const MAX_SIGNAL_NAME: usize = 128;
+
+/// Why `name` cannot name a signal, if it cannot: 1 to 128 letters, digits
+/// and `_ - . :`.
+pub fn signal_name_problem(name: &str) -> Option<String> {
+    if name.is_empty() || name.len() > MAX_SIGNAL_NAME {
+        return Some(format!("a signal name has 1 to {MAX_SIGNAL_NAME} characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')) {
+        return Some(format!("{name:?} is not a signal name (letters, digits, `_`, `-`, `.`, `:`)"));
+    }
+    None
+}
+
+/// Signals a run has received, by name.
+pub type Signals = Arc<BTreeMap<String, Signal>>;
 
 /// Where [`StepContext::journaled`] writes. The engine implements it with a
 /// durable, fenced journal append that returns once committed.
@@ -39,6 +69,7 @@ pub struct StepContext {
     replay: VecDeque<RecordedOp>,
     next_op: u32,
     sink: Arc<dyn OpSink>,
+    signals: Signals,
 }
 
 impl StepContext {
@@ -53,7 +84,24 @@ impl StepContext {
         replay: Vec<RecordedOp>,
         sink: Arc<dyn OpSink>,
     ) -> Self {
-        Self { run_id, step_id, attempt, idempotency_key, clock, cancel, replay: replay.into(), next_op: 0, sink }
+        Self {
+            run_id,
+            step_id,
+            attempt,
+            idempotency_key,
+            clock,
+            cancel,
+            replay: replay.into(),
+            next_op: 0,
+            sink,
+            signals: Signals::default(),
+        }
+    }
+
+    /// The signals the run has received so far (the engine sets them).
+    pub fn with_signals(mut self, signals: Signals) -> Self {
+        self.signals = signals;
+        self
     }
 
     pub fn run_id(&self) -> &str {
@@ -168,6 +216,33 @@ impl StepContext {
         Ok(at)
     }
 
+    /// Waits durably for the signal `name` sent to this run (`switchyard
+    /// signal RUN NAME`, and later the API): `Some(signal)` once it has been
+    /// received, `None` once `timeout` (counted from the first call, which
+    /// journals the deadline) has passed without it. Meanwhile returns
+    /// `Stop::Wait`: the run parks with no task and no lease, and the step
+    /// is called again when the signal is committed or the deadline comes.
+    /// A signal sent before the step waits is kept and received at once.
+    pub async fn wait_signal(&mut self, name: &str, timeout: Option<Duration>) -> StepResult<Option<Signal>> {
+        let now = self.now_ms();
+        let deadline = match timeout {
+            Some(t) => Some(
+                self.journaled("signal_deadline", async move {
+                    Ok(now.saturating_add(t.as_millis().min(i64::MAX as u128) as i64))
+                })
+                .await?,
+            ),
+            None => None,
+        };
+        if let Some(signal) = self.signals.get(name) {
+            return Ok(Some(signal.clone()));
+        }
+        match deadline {
+            Some(at) if now >= at => Ok(None),
+            _ => Err(Stop::Wait { signal: Some(name.to_owned()), until_ms: deadline }),
+        }
+    }
+
     /// Suspends until `at_ms` (unix milliseconds) unless it has passed.
     pub fn sleep_until(&self, at_ms: i64) -> StepResult<()> {
         if self.now_ms() >= at_ms { Ok(()) } else { Err(Stop::Suspend { until_ms: at_ms }) }
@@ -236,6 +311,28 @@ mod tests {
         // Called again (after a crash): the first is replayed, the next key is the same as before.
         let again = context(clock, Arc::new(MemorySink::default()));
         assert_eq!(again.next_op_key(), "run1/s/op/0");
+    }
+
+    #[tokio::test]
+    async fn wait_signal_waits_until_received_or_the_deadline() {
+        let clock = Arc::new(ManualClock::new(1_000));
+        let sink = Arc::new(MemorySink::default());
+        let mut ctx = context(clock.clone(), sink.clone());
+        let stop = ctx.wait_signal("go", Some(Duration::from_secs(60))).await.unwrap_err();
+        assert_eq!(stop, Stop::Wait { signal: Some("go".into()), until_ms: Some(61_000) });
+        // Called again with the signal received: the deadline is the recorded one.
+        let go = Signal { name: "go".into(), payload: serde_json::json!({"ok": true}), actor: None, at: 2_000 };
+        let signals: Signals = Arc::new(BTreeMap::from([("go".to_owned(), go.clone())]));
+        let mut woken = context(clock.clone(), sink.clone()).with_signals(signals);
+        assert_eq!(woken.wait_signal("go", Some(Duration::from_secs(60))).await.unwrap(), Some(go));
+        // Without it, past the deadline: None.
+        clock.advance(Duration::from_secs(60));
+        let mut late = context(clock.clone(), sink);
+        assert_eq!(late.wait_signal("go", Some(Duration::from_secs(60))).await.unwrap(), None);
+        // No deadline: waits for the signal only.
+        let mut forever = context(clock, Arc::new(MemorySink::default()));
+        let stop = forever.wait_signal("other", None).await.unwrap_err();
+        assert_eq!(stop, Stop::Wait { signal: Some("other".into()), until_ms: None });
     }
 
     #[tokio::test]

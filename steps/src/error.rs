@@ -33,6 +33,13 @@ pub enum Stop {
     /// The engine releases the task and calls the step again when it is due;
     /// journaled sub-operations are replayed on that call.
     Suspend { until_ms: i64 },
+    /// The step waits durably for signal `signal` (see
+    /// [`crate::StepContext::wait_signal`]), or, with no name, for the engine
+    /// to wake it (a child run it drives was signalled); at most until
+    /// `until_ms`. The run holds no task meanwhile: nothing is due but a
+    /// signal, so it parks with no timer, and the step is called again when
+    /// the signal is committed or the deadline comes.
+    Wait { signal: Option<String>, until_ms: Option<i64> },
 }
 
 impl From<StepError> for Stop {

@@ -549,3 +549,69 @@ async fn logs_on_a_pipe_carry_no_colour() {
     assert!(stderr.contains("DEBUG"), "log lines are written: {stderr}");
     assert!(!stderr.contains("\u{1b}["), "{stderr}");
 }
+
+#[tokio::test]
+async fn switchyard_signal_sends_a_signal_that_the_waiting_run_gets() {
+    let dir = temp_dir("cli-signal");
+    let db = dir.join("switchyard.db");
+    let file = dir.join("gate.yaml");
+    std::fs::write(
+        &file,
+        "name: gate\nsteps:\n  - {id: gate, kind: wait, with: {signal: approved}}\noutput: \"{{ steps.gate.output.payload.ok }} by {{ steps.gate.output.actor }}\"\n",
+    )
+    .unwrap();
+    let mut running =
+        switchyard(&db).arg("run").arg(&file).stderr(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(running.stderr.take().unwrap()).lines();
+    let line = stderr.next_line().await.unwrap().expect("run <id> started");
+    let id = line.split_whitespace().nth(1).expect("run <id> started").to_owned();
+
+    // Refused: a run that does not exist, a bad name, bad data.
+    let out = switchyard(&db).args(["signal", "nope", "approved"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no run \"nope\""), "{out:?}");
+    let out = switchyard(&db).args(["signal", &id, "not a name"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = switchyard(&db).args(["signal", &id, "approved", "--data", "{oops"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data"), "{out:?}");
+
+    // Sent now, whether or not the step waits yet: the run gets it.
+    let out = switchyard(&db)
+        .env("USER", "dana")
+        .args(["signal", &id, "approved", "--data", r#"{"ok": true}"#])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signal approved sent to run"), "{out:?}");
+    let out = switchyard(&db).args(["signal", &id, "approved"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "a second signal of that name is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already"), "{out:?}");
+
+    let status = running.wait().await.unwrap();
+    let mut stdout = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut running.stdout.take().unwrap(), &mut stdout).await.unwrap();
+    assert!(status.success(), "{stdout}");
+    assert_eq!(stdout.trim(), "\"True by cli:dana\"");
+}
+
+/// Acceptance: a map of 10,000 children that each wait for a signal. The
+/// root parks; the process holding them stays under 100 MB; signalling them
+/// all completes the run (the `signals` workload of `switchyard bench`).
+#[tokio::test]
+async fn ten_thousand_children_waiting_for_signals_park_and_complete() {
+    let dir = temp_dir("bench-signals");
+    let out = switchyard(&dir.join("db"))
+        .args(["--sqlite-sync", "normal", "bench", "--workload", "signals"])
+        .env("TMPDIR", dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((line["workload"].as_str(), line["n"].as_u64()), (Some("signals"), Some(10_000)), "{line}");
+    assert_eq!(line["completed"], true, "{line}");
+    assert!(line["peak_rss_mb"].as_f64().unwrap() < 100.0, "{line}");
+    assert!(line["rss_bytes_per_parked_child"].as_f64().unwrap() <= 4096.0, "{line}");
+}

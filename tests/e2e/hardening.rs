@@ -349,23 +349,28 @@ impl Store for FaultyStore {
         id: &str,
         node: &str,
         seen: i64,
-        now: i64,
-        until: i64,
+        lease: Duration,
         finished: bool,
     ) -> store::Result<Option<Claim>> {
-        self.inner.claim(id, node, seen, now, until, finished).await
+        self.inner.claim(id, node, seen, lease, finished).await
     }
     async fn claimable(&self, now: i64, limit: i64) -> store::Result<Vec<RunRecord>> {
         self.inner.claimable(now, limit).await
     }
-    async fn claim_due(&self, node: &str, now: i64, until: i64, limit: i64) -> store::Result<Vec<(RunRecord, Claim)>> {
-        self.inner.claim_due(node, now, until, limit).await
+    async fn claim_due(
+        &self,
+        node: &str,
+        now: i64,
+        lease: Duration,
+        limit: i64,
+    ) -> store::Result<Vec<(RunRecord, Claim)>> {
+        self.inner.claim_due(node, now, lease, limit).await
     }
     async fn next_wakes(&self, now: i64, limit: i64) -> store::Result<Vec<(String, i64)>> {
         self.inner.next_wakes(now, limit).await
     }
-    async fn renew(&self, node: &str, ids: &[String], until: i64) -> store::Result<u64> {
-        self.inner.renew(node, ids, until).await
+    async fn renew(&self, node: &str, ids: &[String], lease: Duration) -> store::Result<u64> {
+        self.inner.renew(node, ids, lease).await
     }
     async fn release(&self, node: &str, fence: &Fence) -> store::Result<()> {
         self.inner.release(node, fence).await
@@ -378,6 +383,29 @@ impl Store for FaultyStore {
     }
     async fn request_cancel(&self, id: &str, actor: Option<&str>, now: i64) -> store::Result<()> {
         self.inner.request_cancel(id, actor, now).await
+    }
+    async fn signal(
+        &self,
+        run: &str,
+        name: &str,
+        payload: &Value,
+        actor: Option<&str>,
+        now: i64,
+        require_waiting: bool,
+    ) -> store::Result<store::Signalled> {
+        self.inner.signal(run, name, payload, actor, now, require_waiting).await
+    }
+    async fn signals(&self, run: &str) -> store::Result<Vec<switchyard_steps::Signal>> {
+        self.inner.signals(run).await
+    }
+    async fn signalled(&self, root: &str) -> store::Result<Vec<String>> {
+        self.inner.signalled(root).await
+    }
+    async fn signalled_roots(&self) -> store::Result<Vec<String>> {
+        self.inner.signalled_roots().await
+    }
+    async fn child_states(&self, parent: &str) -> store::Result<Vec<store::ChildState>> {
+        self.inner.child_states(parent).await
     }
 }
 

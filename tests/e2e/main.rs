@@ -8,4 +8,5 @@ mod hardening;
 mod http;
 mod props;
 mod recovery;
+mod signals;
 mod support;

@@ -6,22 +6,26 @@
 
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use switchyard_steps::{StepContext, StepError, StepResult, Stop};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::Inner;
-use super::driver::{DriveError, Driver, ItemInputs, Outcome, RunRef};
+use super::driver::{DriveError, Driver, ItemInputs, Outcome, RunRef, nudged};
 use super::writer::CommitError;
 use crate::journal::{Encoded, Event, RunStatus};
 use crate::store::{Fence, JournalEntry, NewRun, Write};
 use crate::workflow::Workflow;
+use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Parent {
     pub run: String,
     pub definition: Arc<str>,
     pub fence: Fence,
+    /// Changes when a signal may have arrived in the root's tree.
+    pub nudge: watch::Receiver<u64>,
 }
 
 fn engine_error(e: impl std::fmt::Display) -> Stop {
@@ -37,7 +41,92 @@ fn cancelled(id: &str) -> Stop {
     Stop::Error(StepError::fatal("cancelled", format!("child run {id} was cancelled")))
 }
 
-/// Runs (or continues) child run `id` to its end and returns its result.
+/// Where one drive of a child run left it.
+enum ChildEnd {
+    Done(Value),
+    /// Parked until `Some(time)`, or until a signal.
+    Parked(Option<i64>),
+}
+
+/// Runs (or continues) child run `id` until it finishes or parks. `input`
+/// is asked for only if the child does not exist yet.
+async fn drive_child(
+    inner: &Arc<Inner>,
+    parent: &Parent,
+    id: String,
+    wf: &Arc<Workflow>,
+    input: impl FnOnce() -> Result<Value, Stop>,
+    cancel: CancellationToken,
+) -> Result<ChildEnd, Stop> {
+    // A child created just now is driven from the journal it was created
+    // with; an existing one is loaded.
+    let mut created = None;
+    match inner.store.run(&id).await.map_err(engine_error)? {
+        None => {
+            let input = input()?;
+            if let Err(errors) = wf.check_input(&input) {
+                return Err(StepError::fatal("invalid_input", errors.join("; ")).into());
+            }
+            let run = NewRun {
+                id: id.clone(),
+                root_id: parent.fence.root.clone(),
+                parent_id: Some(parent.run.clone()),
+                workflow: wf.name().to_owned(),
+                version: wf.version(),
+                definition: parent.definition.to_string(),
+                status: RunStatus::Running,
+                input: input.clone(),
+                owner: None,
+                epoch: 0,
+                lease: None,
+                idempotency_key: None,
+            };
+            let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
+            let now = inner.clock.now_ms();
+            let write =
+                Write::Create { fence: Some(parent.fence.clone()), run, events: vec![Encoded::new(now, &started)] };
+            created = Some(vec![JournalEntry { seq: 0, at: now, event: started }]);
+            inner.writer.commit(write).await.map_err(engine_error)?;
+        }
+        Some(r) if r.status == RunStatus::Succeeded => return Ok(ChildEnd::Done(r.output.unwrap_or(Value::Null))),
+        Some(r) if r.status == RunStatus::Failed => return Err(child_failed(&id, r.error)),
+        Some(r) if r.status == RunStatus::Cancelled => return Err(cancelled(&id)),
+        // Parked and not due: nothing to do until it is woken.
+        Some(r) if r.status == RunStatus::Waiting && r.wake_at.is_none_or(|at| at > inner.clock.now_ms()) => {
+            return Ok(ChildEnd::Parked(r.wake_at));
+        }
+        Some(_) => {}
+    }
+    let run = RunRef {
+        id: id.clone(),
+        is_root: false,
+        definition: parent.definition.clone(),
+        fence: parent.fence.clone(),
+        cancelled_by: Arc::default(),
+        nudge: parent.nudge.clone(),
+    };
+    let driver = match created {
+        Some(entries) => Driver::from_journal(inner.clone(), run, wf.clone(), cancel, &entries),
+        None => Driver::load(inner.clone(), run, wf.clone(), cancel).await,
+    }
+    .map_err(engine_error)?;
+    match driver.drive().await {
+        Ok(Outcome::Finished { status: RunStatus::Succeeded, output, .. }) => {
+            Ok(ChildEnd::Done(output.unwrap_or(Value::Null)))
+        }
+        Ok(Outcome::Finished { status: RunStatus::Cancelled, .. }) => Err(cancelled(&id)),
+        Ok(Outcome::Finished { error, .. }) => Err(child_failed(&id, error)),
+        Ok(Outcome::Parked { wake_at }) => Ok(ChildEnd::Parked(wake_at)),
+        Err(DriveError::Commit(CommitError::Fenced(root))) => {
+            Err(Stop::Error(StepError::fatal("fenced", format!("lease of run {root} lost"))))
+        }
+        Err(e) => Err(engine_error(e)),
+    }
+}
+
+/// Runs (or continues) the child run of a `workflow` step. A child that
+/// parks (a long sleep, a signal) suspends the step too: the parent parks
+/// and holds nothing while the child waits.
 pub(crate) async fn run_child(
     inner: &Arc<Inner>,
     parent: &Parent,
@@ -46,99 +135,204 @@ pub(crate) async fn run_child(
     input: Value,
     ctx: &StepContext,
 ) -> StepResult {
-    if let Err(errors) = wf.check_input(&input) {
-        return Err(StepError::fatal("invalid_input", errors.join("; ")).into());
-    }
-    loop {
-        // A child created just now is driven from the journal it was created
-        // with; an existing one is loaded.
-        let mut created = None;
-        match inner.store.run(&id).await.map_err(engine_error)? {
-            None => {
-                let run = NewRun {
-                    id: id.clone(),
-                    root_id: parent.fence.root.clone(),
-                    parent_id: Some(parent.run.clone()),
-                    workflow: wf.name().to_owned(),
-                    version: wf.version(),
-                    definition: parent.definition.to_string(),
-                    status: RunStatus::Running,
-                    input: input.clone(),
-                    owner: None,
-                    epoch: 0,
-                    lease_until: None,
-                    idempotency_key: None,
-                };
-                let started =
-                    Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input: input.clone() };
-                let now = inner.clock.now_ms();
-                created = Some(vec![JournalEntry { seq: 0, at: now, event: started.clone() }]);
-                let write =
-                    Write::Create { fence: Some(parent.fence.clone()), run, events: vec![Encoded::new(now, &started)] };
-                inner.writer.commit(write).await.map_err(engine_error)?;
-            }
-            Some(r) if r.status == RunStatus::Succeeded => return Ok(r.output.unwrap_or(Value::Null)),
-            Some(r) if r.status == RunStatus::Failed => return Err(child_failed(&id, r.error)),
-            Some(r) if r.status == RunStatus::Cancelled => return Err(cancelled(&id)),
-            Some(_) => {}
-        }
-        let run = RunRef {
-            id: id.clone(),
-            is_root: false,
-            definition: parent.definition.clone(),
-            fence: parent.fence.clone(),
-            cancelled_by: Arc::default(),
-        };
-        let driver = match created {
-            Some(entries) => Driver::from_journal(inner.clone(), run, wf.clone(), ctx.cancel_token(), &entries),
-            None => Driver::load(inner.clone(), run, wf.clone(), ctx.cancel_token()).await,
-        }
-        .map_err(engine_error)?;
-        match driver.drive().await {
-            Ok(Outcome::Finished { status: RunStatus::Succeeded, output, .. }) => {
-                return Ok(output.unwrap_or(Value::Null));
-            }
-            Ok(Outcome::Finished { status: RunStatus::Cancelled, .. }) => return Err(cancelled(&id)),
-            Ok(Outcome::Finished { error, .. }) => return Err(child_failed(&id, error)),
-            Ok(Outcome::Parked { wake_at }) => {
-                // The child waits for a timer; so does this attempt.
-                tokio::select! {
-                    _ = inner.clock.sleep_until(wake_at) => {}
-                    _ = ctx.cancelled() => {}
-                }
-            }
-            Err(DriveError::Commit(CommitError::Fenced(root))) => {
-                return Err(Stop::Error(StepError::fatal("fenced", format!("lease of run {root} lost"))));
-            }
-            Err(e) => return Err(engine_error(e)),
-        }
+    match drive_child(inner, parent, id, &wf, || Ok(input), ctx.cancel_token()).await? {
+        ChildEnd::Done(output) => Ok(output),
+        ChildEnd::Parked(until_ms) => Err(Stop::Wait { signal: None, until_ms }),
     }
 }
 
-/// Runs one child per input with at most `concurrency` at once; outputs in
-/// input order. Stops at the first failed child (the others keep their
-/// journals and continue when the step runs again).
+/// The map stops early (a child failed, or the run is cancelled): when
+/// cancelled, the other children end `cancelled` on their own and are
+/// waited for, so none is left half-written; otherwise they are stopped
+/// where they are (their journals let them continue when the step runs
+/// again).
+async fn stop_children(running: &mut JoinSet<(usize, Result<ChildEnd, Stop>)>, ctx: &StepContext) {
+    if ctx.is_cancelled() {
+        while running.join_next().await.is_some() {}
+    } else {
+        running.shutdown().await;
+    }
+}
+
+/// How long a map whose children all wait lingers for another signal before
+/// it (and its run) parks.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// A map child as the map step tracks it: a few bytes each, so a map of
+/// many parked children holds little.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Child {
+    /// Not created yet, or to be driven (unfinished, due).
+    ToRun,
+    Running,
+    /// Parked until this time, or a signal.
+    Parked(Option<i64>),
+    Done,
+}
+
+/// Runs one child per item with at most `concurrency` of them running at
+/// once; parked children (a sleep, a signal) do not count against it. When
+/// every unfinished child is parked, the step waits too (one wake-up time,
+/// the soonest), and the run above it can park. Outputs in item order.
+/// Stops at the first failed child (the others keep their journals and
+/// continue when the step runs again).
 pub(crate) async fn run_map(
     inner: &Arc<Inner>,
     parent: &Parent,
     wf: Arc<Workflow>,
     items: Vec<Value>,
-    inputs: &ItemInputs,
+    inputs: Arc<ItemInputs>,
     concurrency: usize,
     ctx: &StepContext,
 ) -> StepResult {
-    let step = ctx.step_id().to_owned();
-    let outputs: Vec<Value> = futures::stream::iter(items.into_iter().enumerate())
-        .map(|(index, item)| {
-            let id = format!("{}/{step}/{index}", parent.run);
-            let wf = wf.clone();
-            async move {
-                let input = inputs.render(index, item)?;
-                run_child(inner, parent, id, wf, input, ctx).await
+    let prefix = format!("{}/{}/", parent.run, ctx.step_id());
+    let index_of = |id: &str| id.strip_prefix(&prefix).and_then(|rest| rest.split('/').next()?.parse::<usize>().ok());
+    let n = items.len();
+    let mut items: Vec<Option<Value>> = items.into_iter().map(Some).collect();
+    let mut children = vec![Child::ToRun; n];
+    let mut outputs: Vec<Option<Value>> = vec![None; n];
+    // What the store knows (children made before a crash or a park).
+    let now = inner.clock.now_ms();
+    for child in inner.store.child_states(&parent.run).await.map_err(engine_error)? {
+        let Some(index) = index_of(&child.id).filter(|&i| i < n) else { continue };
+        children[index] = match child.status {
+            RunStatus::Succeeded => Child::Done,
+            RunStatus::Waiting if child.wake_at.is_none_or(|at| at > now) => Child::Parked(child.wake_at),
+            // Failed and cancelled children fail the step when driven.
+            _ => Child::ToRun,
+        };
+    }
+    // Children that are due, in item order; `next` scans for the rest.
+    let mut woken: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+    let mut next = 0;
+    // Each child is driven in a task of its own, so the loop below can wait
+    // on the store (after a nudge) while the children go on.
+    let mut running: JoinSet<(usize, Result<ChildEnd, Stop>)> = JoinSet::new();
+    let mut nudge = parent.nudge.clone();
+    // A nudge says some child may have been signalled; which ones is read
+    // from the store only when there is room to drive one and none is
+    // already known, so a burst of signals costs a few reads, not one each.
+    let mut look = false;
+    let mut queued = vec![false; n];
+    loop {
+        if look && woken.is_empty() && running.len() < concurrency {
+            look = false;
+            for id in inner.store.signalled(&parent.fence.root).await.map_err(engine_error)? {
+                if let Some(i) = index_of(&id).filter(|&i| i < n)
+                    && matches!(children[i], Child::Parked(_))
+                    && !std::mem::replace(&mut queued[i], true)
+                {
+                    woken.push_back(i);
+                }
             }
-        })
-        .buffered(concurrency)
-        .try_collect()
-        .await?;
-    Ok(Value::Array(outputs))
+        }
+        while running.len() < concurrency && !ctx.is_cancelled() {
+            let index = match woken.pop_front() {
+                Some(i) => {
+                    queued[i] = false;
+                    i
+                }
+                None => {
+                    while next < n && children[next] != Child::ToRun {
+                        next += 1;
+                    }
+                    if next == n {
+                        break;
+                    }
+                    next
+                }
+            };
+            if children[index] != Child::ToRun && !matches!(children[index], Child::Parked(_)) {
+                continue;
+            }
+            children[index] = Child::Running;
+            let item = items[index].take();
+            let id = format!("{prefix}{index}");
+            let (inner, parent, wf, inputs, cancel) =
+                (inner.clone(), parent.clone(), wf.clone(), inputs.clone(), ctx.cancel_token());
+            running.spawn(async move {
+                let input = || inputs.render(index, item.unwrap_or(Value::Null)).map_err(Stop::Error);
+                (index, drive_child(&inner, &parent, id, &wf, input, cancel).await)
+            });
+        }
+        if running.is_empty() && look && !ctx.is_cancelled() {
+            // Nudged after the last look: look again before waiting.
+            continue;
+        }
+        if running.is_empty() {
+            if ctx.is_cancelled() {
+                return Err(Stop::Error(StepError::fatal("cancelled", "the run was cancelled")));
+            }
+            let mut soonest: Option<Option<i64>> = None;
+            for child in &children {
+                if let Child::Parked(at) = child {
+                    soonest = Some(match (soonest.flatten(), at) {
+                        (Some(a), Some(b)) => Some(a.min(*b)),
+                        (a, b) => a.or(*b),
+                    });
+                }
+            }
+            if let Some(until_ms) = soonest {
+                // Signals often come in bursts (a batch approved at once):
+                // before the run parks and is loaded again for each one,
+                // wait a moment for the next.
+                tokio::select! {
+                    _ = nudged(&mut nudge) => {
+                        look = true;
+                        continue;
+                    }
+                    _ = tokio::time::sleep(LINGER) => {}
+                    _ = ctx.cancelled() => continue,
+                }
+                return Err(Stop::Wait { signal: None, until_ms });
+            }
+            break;
+        }
+        let soonest_timer =
+            children.iter().filter_map(|c| if let Child::Parked(Some(at)) = c { Some(*at) } else { None }).min();
+        let sleep = async {
+            match soonest_timer {
+                Some(at) => inner.clock.sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(joined) = running.join_next() => match joined {
+                Err(e) => {
+                    stop_children(&mut running, ctx).await;
+                    return Err(engine_error(format!("a child run's task failed: {e}")));
+                }
+                Ok((_, Err(stop))) => {
+                    stop_children(&mut running, ctx).await;
+                    return Err(stop);
+                }
+                Ok((index, Ok(ChildEnd::Done(output)))) => {
+                    children[index] = Child::Done;
+                    outputs[index] = Some(output);
+                }
+                Ok((index, Ok(ChildEnd::Parked(at)))) => children[index] = Child::Parked(at),
+            },
+            _ = sleep => {
+                let now = inner.clock.now_ms();
+                for (i, child) in children.iter().enumerate() {
+                    if matches!(child, Child::Parked(Some(at)) if *at <= now) && !std::mem::replace(&mut queued[i], true) {
+                        woken.push_back(i);
+                    }
+                }
+            }
+            _ = nudged(&mut nudge) => look = true,
+        }
+    }
+    // Every child succeeded: outputs of those finished before this call
+    // come from the store.
+    if outputs.iter().any(Option::is_none) {
+        for run in inner.store.children(&parent.run).await.map_err(engine_error)? {
+            if let Some(i) = index_of(&run.id).filter(|&i| i < n)
+                && outputs[i].is_none()
+            {
+                outputs[i] = Some(run.output.unwrap_or(Value::Null));
+            }
+        }
+    }
+    Ok(Value::Array(outputs.into_iter().map(|o| o.unwrap_or(Value::Null)).collect()))
 }

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use minijinja::Value as MjValue;
 use serde_json::{Value, json};
-use switchyard_steps::{RecordedOp, StepContext, StepError, StepResult, Stop};
+use switchyard_steps::{RecordedOp, Signal, Signals, StepContext, StepError, StepResult, Stop};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +22,7 @@ use super::writer::CommitError;
 use crate::expr::ValueTemplate;
 use crate::journal::{Event, RunStatus};
 use crate::spec::{Join, OnError};
-use crate::store::{self, Fence, JournalEntry, RunUpdate};
+use crate::store::{self, Fence, JournalEntry, RunUpdate, WaitChange};
 use crate::workflow::{StepKind, Workflow};
 use crate::{expr, limits};
 
@@ -35,6 +36,9 @@ enum Status {
     Suspended,
     /// Waiting for `due` (retry backoff).
     Backoff,
+    /// Waiting for a signal (`signal`), or for a child run it drives to be
+    /// woken; at most until `due`.
+    Waiting,
     Succeeded,
     /// Failed with `on_error: continue`: completed, output is the error.
     Continued,
@@ -50,7 +54,7 @@ impl Status {
         match self {
             Status::Pending | Status::Ready => "pending",
             Status::Running => "running",
-            Status::Suspended | Status::Backoff => "waiting",
+            Status::Suspended | Status::Backoff | Status::Waiting => "waiting",
             Status::Succeeded => "succeeded",
             Status::Continued | Status::Failed => "failed",
             Status::Skipped => "skipped",
@@ -75,6 +79,14 @@ struct StepState {
     /// Its last attempt was started by a driver that stopped before it ended
     /// (a crash): that attempt has no end in the journal yet.
     interrupted: bool,
+    /// `Waiting`: the signal it waits for (`None`: its child runs).
+    signal: Option<String>,
+    /// `Waiting`: call it again now (its signal came, or its children may
+    /// have been woken).
+    woken: bool,
+    /// The wait last journaled for the current attempt, so calling the step
+    /// again without anything new does not journal it twice.
+    journaled_wait: Option<(Option<String>, Option<i64>)>,
 }
 
 impl StepState {
@@ -88,6 +100,9 @@ impl StepState {
             due: None,
             view: None,
             interrupted: false,
+            signal: None,
+            woken: false,
+            journaled_wait: None,
         }
     }
     fn complete(&mut self, status: Status, output: Option<Value>) {
@@ -96,14 +111,24 @@ impl StepState {
             Some(expr::from_json(&json!({ "output": output.clone().unwrap_or(Value::Null), "status": status.name() })));
         self.output = output;
         self.due = None;
+        self.signal = None;
+        self.woken = false;
+        self.journaled_wait = None;
     }
 }
 
 /// How a drive ended.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    Finished { status: RunStatus, output: Option<Value>, error: Option<StepError> },
-    Parked { wake_at: i64 },
+    Finished {
+        status: RunStatus,
+        output: Option<Value>,
+        error: Option<StepError>,
+    },
+    /// `wake_at: None`: nothing is due but a signal.
+    Parked {
+        wake_at: Option<i64>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +153,8 @@ pub(crate) struct RunRef {
     pub fence: Fence,
     /// Who asked to cancel the run, once someone did (journaled with the end).
     pub cancelled_by: Arc<Mutex<Option<String>>>,
+    /// Changes when a signal may have arrived for the run's tree.
+    pub nudge: watch::Receiver<u64>,
 }
 
 pub(crate) struct Driver {
@@ -153,6 +180,13 @@ pub(crate) struct Driver {
     failure: Option<StepError>,
     finished: Option<RunStatus>,
     cancelled_by: Arc<Mutex<Option<String>>>,
+    /// Signals received (journaled), by name.
+    signals: Signals,
+    /// Wait changes decided but not yet committed (with `pending`).
+    waits: Vec<WaitChange>,
+    /// A step started waiting for a signal: look for one sent before.
+    look_for_signals: bool,
+    nudge: watch::Receiver<u64>,
 }
 
 impl Driver {
@@ -164,7 +198,10 @@ impl Driver {
         cancel: CancellationToken,
     ) -> Result<Self, DriveError> {
         let entries = inner.store.journal(&run.id).await?;
-        Self::from_journal(inner, run, wf, cancel, &entries)
+        let mut driver = Self::from_journal(inner, run, wf, cancel, &entries)?;
+        // Signals sent while nobody drove the run.
+        driver.receive_signals().await?;
+        Ok(driver)
     }
 
     /// Builds the driver from a journal already in hand (a run just created).
@@ -175,12 +212,13 @@ impl Driver {
         cancel: CancellationToken,
         entries: &[JournalEntry],
     ) -> Result<Self, DriveError> {
-        let RunRef { id: run_id, is_root, definition, fence, cancelled_by } = run;
+        let RunRef { id: run_id, is_root, definition, fence, cancelled_by, nudge } = run;
         let run_id = run_id.as_str();
         let mut input = Value::Null;
         let mut steps = vec![StepState::new(); wf.steps.len()];
         let mut failure = None;
         let mut finished = None;
+        let mut signals = BTreeMap::new();
         let index = |id: &str| {
             wf.step_index(id)
                 .ok_or_else(|| DriveError::Invalid(run_id.to_owned(), format!("journal names unknown step {id:?}")))
@@ -219,6 +257,18 @@ impl Driver {
                     s.status = Status::Suspended;
                     s.due = Some(*until);
                 }
+                Event::StepWaiting { step, signal, until, .. } => {
+                    let s = &mut steps[index(step)?];
+                    s.status = Status::Waiting;
+                    s.due = *until;
+                    s.signal = signal.clone();
+                    s.journaled_wait = Some((signal.clone(), *until));
+                }
+                Event::SignalReceived { name, payload, actor, sent_at } => {
+                    let signal =
+                        Signal { name: name.clone(), payload: payload.clone(), actor: actor.clone(), at: *sent_at };
+                    signals.insert(name.clone(), signal);
+                }
                 Event::StepSkipped { step, .. } => steps[index(step)?].complete(Status::Skipped, None),
                 Event::RunParked { .. } => {}
                 Event::CancelRequested { .. } => {}
@@ -240,6 +290,12 @@ impl Driver {
             s.status = Status::Ready;
             s.interrupted = true;
         }
+        // A step waiting for its child runs looks at them again (they may be
+        // why this run was woken); one whose signal was journaled before the
+        // driver stopped takes it now.
+        for s in steps.iter_mut().filter(|s| s.status == Status::Waiting) {
+            s.woken = s.signal.as_ref().is_none_or(|name| signals.contains_key(name));
+        }
         let next_seq = entries.last().map(|e| e.seq + 1).unwrap_or(0);
         let journal = RunJournal::new(run_id.to_owned(), fence, next_seq, inner.writer.clone(), inner.clock.clone());
         Ok(Self {
@@ -260,7 +316,55 @@ impl Driver {
             failure,
             finished,
             cancelled_by,
+            signals: Arc::new(signals),
+            waits: Vec::new(),
+            look_for_signals: false,
+            nudge,
         })
+    }
+
+    /// Journals the signals sent to this run that it has not received yet,
+    /// and wakes the steps waiting for them.
+    async fn receive_signals(&mut self) -> Result<(), DriveError> {
+        for signal in self.inner.store.signals(&self.run_id).await? {
+            if self.signals.contains_key(&signal.name) {
+                continue;
+            }
+            for st in self.steps.iter_mut().filter(|s| s.status == Status::Waiting) {
+                if st.signal.as_deref() == Some(signal.name.as_str()) {
+                    st.woken = true;
+                }
+            }
+            self.pending.push(Event::SignalReceived {
+                name: signal.name.clone(),
+                payload: signal.payload.clone(),
+                actor: signal.actor.clone(),
+                sent_at: signal.at,
+            });
+            self.waits.push(WaitChange::Done { name: signal.name.clone() });
+            Arc::make_mut(&mut self.signals).insert(signal.name.clone(), signal);
+        }
+        Ok(())
+    }
+
+    /// Something may have been signalled in the run's tree: receive what is
+    /// for this run, and wake the steps whose child runs were signalled.
+    async fn on_nudge(&mut self) -> Result<(), DriveError> {
+        self.receive_signals().await?;
+        let waiting_on_children: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| self.steps[i].status == Status::Waiting && self.steps[i].signal.is_none())
+            .collect();
+        if waiting_on_children.is_empty() {
+            return Ok(());
+        }
+        let signalled = self.inner.store.signalled(&self.journal.fence().root).await?;
+        for i in waiting_on_children {
+            let prefix = format!("{}/{}", self.run_id, self.wf.steps[i].id);
+            if signalled.iter().any(|id| is_under(id, &prefix)) {
+                self.steps[i].woken = true;
+            }
+        }
+        Ok(())
     }
 
     /// The template context of step `of` (`None`: the run's output, which
@@ -312,8 +416,17 @@ impl Driver {
             let events = std::mem::take(&mut self.pending);
             let update = std::mem::take(&mut self.mark_running)
                 .then(|| RunUpdate { status: Some(RunStatus::Running), ..Default::default() });
+            let update = self.with_waits(update);
             if !events.is_empty() || update.is_some() {
                 self.journal.commit(events, update).await?;
+            }
+            if std::mem::take(&mut self.look_for_signals) {
+                // Registered first, then looked for: a signal sent before the
+                // wait was committed is found here, one sent after wakes us.
+                self.receive_signals().await?;
+                if self.steps.iter().any(|s| s.woken) || !self.pending.is_empty() {
+                    continue;
+                }
             }
             // Each attempt is polled once here: one that finishes at once (a
             // transform, a suspension, a render error) needs no task.
@@ -334,24 +447,26 @@ impl Driver {
                 if self.failure.is_some() || self.steps.iter().all(|s| s.status.is_terminal()) {
                     return self.finish().await;
                 }
-                let Some(next) = self.next_due() else {
-                    let stuck = StepError::fatal("stuck", "no step can run; this is a bug");
-                    self.failure = Some(stuck);
-                    return self.finish().await;
-                };
+                let waits_for_signal = self.steps.iter().any(|s| s.status == Status::Waiting);
+                let next = self.next_due();
                 let now = self.inner.clock.now_ms();
-                if next - now > self.inner.options.park_after.as_millis() as i64 {
-                    return self.park(next).await;
+                match next {
+                    None if !waits_for_signal => {
+                        let stuck = StepError::fatal("stuck", "no step can run; this is a bug");
+                        self.failure = Some(stuck);
+                        return self.finish().await;
+                    }
+                    None => return self.park(None).await,
+                    Some(next) if next - now > self.inner.options.park_after.as_millis() as i64 => {
+                        return self.park(Some(next)).await;
+                    }
+                    Some(_) => {}
                 }
-                tokio::select! {
-                    _ = self.inner.clock.sleep_until(next) => {}
-                    _ = self.cancel.cancelled() => {}
-                }
-                continue;
             }
             let sleep = self.next_due().map(|at| self.inner.clock.sleep_until(at));
+            let mut nudge = self.nudge.clone();
             tokio::select! {
-                Some(done) = self.running.join_next() => {
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
                     let mut batch = vec![done];
                     while let Some(more) = self.running.try_join_next() {
                         batch.push(more);
@@ -359,6 +474,10 @@ impl Driver {
                     self.complete(batch)?;
                 }
                 _ = async { match sleep { Some(s) => s.await, None => std::future::pending().await } } => {}
+                _ = nudged(&mut nudge) => {
+                    self.nudge = nudge;
+                    self.on_nudge().await?;
+                }
                 _ = self.cancel.cancelled() => {}
             }
         }
@@ -367,9 +486,21 @@ impl Driver {
     fn next_due(&self) -> Option<i64> {
         self.steps
             .iter()
-            .filter(|s| matches!(s.status, Status::Suspended | Status::Backoff))
+            .filter(|s| matches!(s.status, Status::Suspended | Status::Backoff | Status::Waiting))
             .filter_map(|s| s.due)
             .min()
+    }
+
+    /// `update` with the wait changes decided since the last commit.
+    fn with_waits(&mut self, update: Option<RunUpdate>) -> Option<RunUpdate> {
+        if self.waits.is_empty() {
+            return update;
+        }
+        let mut update = update.unwrap_or_default();
+        update.waits = std::mem::take(&mut self.waits);
+        // An update writes the status column: keep it `running`.
+        update.status.get_or_insert(RunStatus::Running);
+        Some(update)
     }
 
     /// Decides every step that can be decided now: skips, switches, starts.
@@ -384,6 +515,7 @@ impl Driver {
             }
             match self.steps[i].status {
                 Status::Suspended | Status::Backoff if self.steps[i].due.is_some_and(|d| d <= now) => self.start(i),
+                Status::Waiting if self.steps[i].woken || self.steps[i].due.is_some_and(|d| d <= now) => self.start(i),
                 // A switch that failed on its expression and was resumed is
                 // decided again, like the first time.
                 Status::Ready if matches!(self.wf.steps[i].kind, StepKind::Switch { .. }) => self.switch(i),
@@ -515,13 +647,23 @@ impl Driver {
         let step = &self.wf.steps[i];
         let id = step.id.clone();
         let st = &mut self.steps[i];
-        let waking = st.status == Status::Suspended;
+        let waking = matches!(st.status, Status::Suspended | Status::Waiting);
         if !waking {
             st.attempt += 1;
+            st.journaled_wait = None;
             self.pending.push(Event::StepStarted { step: id.clone(), attempt: st.attempt });
+        }
+        if st.status == Status::Waiting
+            && let Some(name) = &st.signal
+            && !self.signals.contains_key(name)
+        {
+            // Its deadline passed: the step stops waiting for the signal.
+            self.waits.push(WaitChange::Done { name: name.clone() });
         }
         st.status = Status::Running;
         st.due = None;
+        st.signal = None;
+        st.woken = false;
         st.interrupted = false;
         let attempt = st.attempt;
         let replay = st.ops.lock().expect("ops").clone();
@@ -536,7 +678,8 @@ impl Driver {
             self.cancel.child_token(),
             replay,
             Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt, recorded }),
-        );
+        )
+        .with_signals(self.signals.clone());
         let work = match self.prepare(i, &ctx_value) {
             Ok(work) => work,
             Err(error) => {
@@ -609,13 +752,13 @@ impl Driver {
                 };
                 // Each child's input is rendered when that child starts, not
                 // all up front.
-                let inputs = ItemInputs {
+                let inputs = Arc::new(ItemInputs {
                     wf: wf.clone(),
                     template: input.clone(),
                     input: self.input_view.clone(),
                     steps: self.steps_view(Some(i)),
                     run: self.run_view.clone(),
-                };
+                });
                 Work::Map {
                     child: child.clone(),
                     items,
@@ -635,6 +778,7 @@ impl Driver {
             run: self.run_id.clone(),
             definition: self.definition.clone(),
             fence: self.journal.fence().clone(),
+            nudge: self.nudge.clone(),
         }
     }
 
@@ -665,6 +809,27 @@ impl Driver {
                 Err(Stop::Suspend { until_ms }) => {
                     events.push(Event::StepSuspended { step: id, attempt, until: until_ms });
                     changes.push((i, Status::Suspended, None, Some(until_ms)));
+                }
+                Err(Stop::Wait { signal, until_ms }) => {
+                    let wait = (signal.clone(), until_ms);
+                    let st = &mut self.steps[i];
+                    // Called again with nothing new (its children still
+                    // wait): the journaled wait still holds.
+                    if st.journaled_wait.as_ref() != Some(&wait) {
+                        events.push(Event::StepWaiting {
+                            step: id.clone(),
+                            attempt,
+                            signal: signal.clone(),
+                            until: until_ms,
+                        });
+                        if let Some(name) = &signal {
+                            self.waits.push(WaitChange::Wait { name: name.clone(), step: id, deadline: until_ms });
+                            self.look_for_signals = true;
+                        }
+                        st.journaled_wait = Some(wait);
+                    }
+                    st.signal = signal;
+                    changes.push((i, Status::Waiting, None, until_ms));
                 }
                 Err(Stop::Error(error)) => {
                     let used = attempt.saturating_sub(self.steps[i].budget_start);
@@ -697,7 +862,7 @@ impl Driver {
         for (i, status, output, due) in changes {
             let st = &mut self.steps[i];
             match status {
-                Status::Suspended | Status::Backoff => {
+                Status::Suspended | Status::Backoff | Status::Waiting => {
                     st.status = status;
                     st.due = due;
                     if status == Status::Backoff {
@@ -733,11 +898,12 @@ impl Driver {
         Ok(output)
     }
 
-    async fn park(self, wake_at: i64) -> Result<Outcome, DriveError> {
+    async fn park(mut self, wake_at: Option<i64>) -> Result<Outcome, DriveError> {
         let update = RunUpdate {
             status: Some(RunStatus::Waiting),
-            wake_at: Some(wake_at),
+            wake_at,
             release: self.is_root,
+            waits: std::mem::take(&mut self.waits),
             ..Default::default()
         };
         let mut events = self.pending;
@@ -805,7 +971,7 @@ impl Driver {
     }
 
     async fn finish_with(
-        self,
+        mut self,
         status: RunStatus,
         output: Option<Value>,
         error: Option<StepError>,
@@ -816,6 +982,7 @@ impl Driver {
             error: error.clone(),
             wake_at: None,
             release: self.is_root,
+            waits: std::mem::take(&mut self.waits),
         };
         let mut events = self.pending;
         events.push(Event::RunFinished { status, output: output.clone(), error: error.clone() });
@@ -844,6 +1011,18 @@ enum Readiness {
     Skip(String),
 }
 
+/// Resolves when `nudge` changes; never if its sender is gone.
+pub(crate) async fn nudged(nudge: &mut watch::Receiver<u64>) {
+    if nudge.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Whether run `id` is `prefix` or below it (`prefix/...`).
+pub(crate) fn is_under(id: &str, prefix: &str) -> bool {
+    id.strip_prefix(prefix).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 fn step_error(step: &str, error: &StepError) -> StepError {
     StepError { code: error.code.clone(), message: format!("step {step}: {}", error.message), retryable: false }
 }
@@ -866,7 +1045,7 @@ pub(crate) const MAX_MAP_ITEMS: usize = 100_000;
 enum Work {
     Action { step: Arc<dyn switchyard_steps::DynStep>, with: Value },
     Call { child: Arc<Workflow>, input: Value, parent: child::Parent },
-    Map { child: Arc<Workflow>, items: Vec<Value>, inputs: ItemInputs, concurrency: usize, parent: child::Parent },
+    Map { child: Arc<Workflow>, items: Vec<Value>, inputs: Arc<ItemInputs>, concurrency: usize, parent: child::Parent },
 }
 
 /// Renders the input of a map's child from its item, with the context the
@@ -908,7 +1087,7 @@ impl Work {
                 child::run_child(&inner, &parent, id, child, input, &ctx).await
             }
             Work::Map { child, items, inputs, concurrency, parent } => {
-                child::run_map(&inner, &parent, child, items, &inputs, concurrency, &ctx).await
+                child::run_map(&inner, &parent, child, items, inputs, concurrency, &ctx).await
             }
         }
     }

@@ -19,12 +19,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use switchyard_steps::{Clock, Registry, StepError};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::compile::{self, CompileErrors};
 use crate::journal::{Encoded, Event, RunStatus};
-use crate::store::{self, Claim, Fence, JournalEntry, NewRun, RunRecord, RunUpdate, Store, Write};
+use crate::store::{self, Claim, Fence, JournalEntry, NewRun, RunRecord, RunUpdate, Signalled, Store, Write};
 use crate::workflow::Definition;
 use driver::{DriveError, Driver, Outcome, RunRef};
 pub use writer::CommitError;
@@ -64,6 +64,8 @@ pub struct RunOutcome {
     pub status: RunStatus,
     pub output: Option<Value>,
     pub error: Option<StepError>,
+    /// A parked run (`waiting`): when it wakes (`None`: on a signal).
+    pub wake_at: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +176,9 @@ struct Active {
     cancelled_by: Arc<Mutex<Option<String>>>,
     /// Stops the driver without ending the run (shutdown).
     abort: Option<tokio::task::AbortHandle>,
+    /// Tells the run's drivers (root and children) that a signal may have
+    /// arrived in its tree.
+    nudge: watch::Sender<u64>,
 }
 
 pub(crate) struct Inner {
@@ -188,6 +193,8 @@ pub(crate) struct Inner {
     /// Per workflow name: its limit and the slots.
     per_workflow: Mutex<HashMap<String, (u32, Arc<Semaphore>)>>,
     waiters: Mutex<HashMap<String, Vec<Waiter>>>,
+    /// Told when the run parks here, too (see [`Engine::wait_settled`]).
+    settle_waiters: Mutex<HashMap<String, Vec<Waiter>>>,
     active: Mutex<HashMap<String, Active>>,
     timers: Mutex<Timers>,
     timer_changed: Notify,
@@ -214,6 +221,7 @@ impl Engine {
             definitions: Mutex::default(),
             per_workflow: Mutex::default(),
             waiters: Mutex::default(),
+            settle_waiters: Mutex::default(),
             active: Mutex::default(),
             timers: Mutex::default(),
             timer_changed: Notify::new(),
@@ -277,7 +285,7 @@ impl Engine {
             input: input.clone(),
             owner: Some(inner.node.clone()),
             epoch: 1,
-            lease_until: Some(now + inner.options.lease.as_millis() as i64),
+            lease: Some(inner.options.lease),
             idempotency_key: key.clone(),
         };
         let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
@@ -326,6 +334,39 @@ impl Engine {
         }
     }
 
+    /// Waits until a root run has finished or parked (waits for a timer far
+    /// off or a signal, holding nothing): returns its outcome, with status
+    /// `waiting` if it parked. A run already parked in the store returns at
+    /// once.
+    pub async fn wait_settled(&self, id: &str) -> Result<RunOutcome> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.settle_waiters.lock().expect("waiters").entry(id.to_owned()).or_default().push(tx);
+        let record = self.inner.store.run(id).await?;
+        let driven_here = self.inner.active.lock().expect("active").contains_key(id);
+        let settled = match &record {
+            None => Some(Err(Error::NotFound(id.to_owned()))),
+            Some(r) if r.status.is_finished() => Some(Ok(outcome(r))),
+            Some(r) if r.status == RunStatus::Waiting && r.owner.is_none() && !driven_here => Some(Ok(outcome(r))),
+            Some(_) => None,
+        };
+        if let Some(settled) = settled {
+            let mut waiters = self.inner.settle_waiters.lock().expect("waiters");
+            if let Some(list) = waiters.get_mut(id) {
+                list.retain(|w| !w.is_closed());
+                if list.is_empty() {
+                    waiters.remove(id);
+                }
+            }
+            drop(rx);
+            return settled;
+        }
+        match rx.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(reason)) => Err(Error::Interrupted(id.to_owned(), reason)),
+            Err(_) => Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
+        }
+    }
+
     /// Submits and waits.
     pub async fn run(&self, def: &Definition, input: Value) -> Result<RunOutcome> {
         let id = self.submit(def, input).await?;
@@ -359,8 +400,7 @@ impl Engine {
         }
         let now = inner.clock.now_ms();
         inner.store.request_cancel(id, actor, now).await?;
-        let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), false).await?
-        else {
+        let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, inner.options.lease, false).await? else {
             let lease_until = inner.store.run(id).await?.and_then(|r| r.lease_until);
             return Ok(Cancelled::Requested { lease_until });
         };
@@ -407,9 +447,7 @@ impl Engine {
         if inner.active.lock().expect("active").contains_key(id) {
             return Err(Error::Conflict(format!("run {id} is already running here")));
         }
-        let now = inner.clock.now_ms();
-        let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), true).await?
-        else {
+        let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, inner.options.lease, true).await? else {
             return Err(Error::Conflict(format!("run {id} is being run by another process (its lease is live)")));
         };
         let fence = Fence { root: id.to_owned(), epoch: claim.epoch };
@@ -460,35 +498,53 @@ impl Engine {
                 return Ok(());
             }
             let now = inner.clock.now_ms();
-            let free = record.owner.is_none() || record.lease_until.is_none_or(|until| until < now);
-            if free {
-                if record.status == RunStatus::Waiting && record.wake_at.is_some_and(|at| at > now) {
-                    // Parked: it wakes here when due.
-                    inner.add_timer(record.wake_at.unwrap_or(now), id.to_owned());
-                    return Ok(());
+            if record.owner.is_none() && record.status == RunStatus::Waiting && record.wake_at.is_none_or(|at| at > now)
+            {
+                // Parked: it wakes here when due (a timer, or a signal the
+                // poll sees).
+                if let Some(at) = record.wake_at {
+                    inner.add_timer(at, id.to_owned());
                 }
-                if pick_up(inner, &record).await? {
-                    return Ok(());
-                }
-                // Another claim won meanwhile: look again shortly.
-                tokio::select! {
-                    _ = tokio::time::sleep(inner.options.poll_interval) => {}
-                    _ = inner.shutdown.cancelled() => {
-                        return Err(Error::Interrupted(id.to_owned(), "the engine stopped".into()));
-                    }
-                }
-                continue;
+                return Ok(());
             }
-            let until = record.lease_until.unwrap_or(now);
-            waiting(until);
-            // The lease is compared with the engine clock; wait on it, but
-            // look again at least every poll interval (the run may finish).
+            // The store decides whether the holder's lease has expired (by
+            // its clock, not this process's): just try.
+            if pick_up(inner, &record).await? {
+                return Ok(());
+            }
+            let fresh = inner.store.run(id).await?;
+            if let Some(until) = fresh.as_ref().filter(|r| r.owner.is_some()).and_then(|r| r.lease_until) {
+                waiting(until);
+            }
+            // Look again every poll interval (the lease may expire, the run
+            // may finish).
             tokio::select! {
-                _ = inner.clock.sleep_until(until.saturating_add(1)) => {}
                 _ = tokio::time::sleep(inner.options.poll_interval) => {}
                 _ = inner.shutdown.cancelled() => return Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
             }
         }
+    }
+
+    /// Sends signal `name` with `payload` to run `run` (a root or a child
+    /// run): the step waiting for it (`kind: wait`, later approvals) gets it.
+    /// Durable once this returns; the run is driven on by the process that
+    /// holds it, a process waiting for it, or a worker. A signal sent before
+    /// a step waits for it is kept until one does; a second signal of the
+    /// same name is refused.
+    pub async fn signal(&self, run: &str, name: &str, payload: Value, actor: Option<&str>) -> Result<Signalled> {
+        if let Some(problem) = switchyard_steps::context::signal_name_problem(name) {
+            return Err(Error::InvalidInput(vec![format!("signal: {problem}")]));
+        }
+        crate::limits::check(&payload).map_err(|why| Error::InvalidInput(vec![format!("payload: {why}")]))?;
+        let inner = &self.inner;
+        let outcome = match inner.store.signal(run, name, &payload, actor, inner.clock.now_ms(), false).await {
+            Err(store::Error::NotFound(_)) => return Err(Error::NotFound(run.to_owned())),
+            other => other?,
+        };
+        if let Signalled::Delivered { root, .. } = &outcome {
+            inner.nudge(root);
+        }
+        Ok(outcome)
     }
 
     /// Root runs this process is driving (or queueing) right now.
@@ -523,7 +579,8 @@ impl Engine {
                 abort.abort();
             }
         }
-        let waiters: Vec<_> = self.inner.waiters.lock().expect("waiters").drain().collect();
+        let mut waiters: Vec<_> = self.inner.waiters.lock().expect("waiters").drain().collect();
+        waiters.extend(self.inner.settle_waiters.lock().expect("waiters").drain());
         for (_, list) in waiters {
             for w in list {
                 let _ = w.send(Err("the engine stopped; the run continues in the next process".into()));
@@ -536,14 +593,11 @@ impl Engine {
 }
 
 fn outcome(r: &RunRecord) -> RunOutcome {
-    RunOutcome { id: r.id.clone(), status: r.status, output: r.output.clone(), error: r.error.clone() }
+    let wake_at = r.wake_at.filter(|_| r.status == RunStatus::Waiting);
+    RunOutcome { id: r.id.clone(), status: r.status, output: r.output.clone(), error: r.error.clone(), wake_at }
 }
 
 impl Inner {
-    fn lease_until(&self) -> i64 {
-        self.clock.now_ms() + self.options.lease.as_millis() as i64
-    }
-
     /// Stores a definition (once) and caches it compiled.
     async fn remember(&self, def: &Definition) -> Result<Arc<Definition>> {
         if let Some(known) = self.definitions.lock().expect("definitions").get(&def.hash) {
@@ -615,9 +669,32 @@ impl Inner {
     }
 
     fn notify(&self, id: &str, result: Result<RunOutcome, String>) {
-        let waiters = self.waiters.lock().expect("waiters").remove(id).unwrap_or_default();
+        let mut waiters = self.waiters.lock().expect("waiters").remove(id).unwrap_or_default();
+        waiters.extend(self.settle_waiters.lock().expect("waiters").remove(id).unwrap_or_default());
         for w in waiters {
             let _ = w.send(result.clone());
+        }
+    }
+
+    /// The run parked: tell those waiting for it to settle.
+    fn notify_parked(&self, id: &str, wake_at: Option<i64>) {
+        let waiters = self.settle_waiters.lock().expect("waiters").remove(id).unwrap_or_default();
+        let parked = RunOutcome { id: id.to_owned(), status: RunStatus::Waiting, output: None, error: None, wake_at };
+        for w in waiters {
+            let _ = w.send(Ok(parked.clone()));
+        }
+    }
+
+    /// A signal arrived in root `root`'s tree: its drivers here look, or,
+    /// if it is parked and this process would drive it, it wakes now.
+    fn nudge(&self, root: &str) {
+        if let Some(active) = self.active.lock().expect("active").get(root) {
+            active.nudge.send_modify(|n| *n = n.wrapping_add(1));
+            return;
+        }
+        let waited_for = self.waiters.lock().expect("waiters").contains_key(root);
+        if self.options.worker || waited_for {
+            self.add_timer(self.clock.now_ms(), root.to_owned());
         }
     }
 
@@ -652,6 +729,7 @@ impl Inner {
 fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, journal: Option<Vec<JournalEntry>>) {
     let token = CancellationToken::new();
     let cancelled_by = Arc::new(Mutex::new(claim.cancel_actor.clone()));
+    let (nudge_tx, nudge) = watch::channel(0u64);
     if claim.cancel_requested {
         // A cancel requested while nobody drove the run wins over the takeover.
         token.cancel();
@@ -661,7 +739,10 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
         if active.contains_key(&id) {
             return;
         }
-        active.insert(id.clone(), Active { cancel: token.clone(), cancelled_by: cancelled_by.clone(), abort: None });
+        active.insert(
+            id.clone(),
+            Active { cancel: token.clone(), cancelled_by: cancelled_by.clone(), abort: None, nudge: nudge_tx },
+        );
     }
     let task_inner = inner.clone();
     let task_id = id.clone();
@@ -690,6 +771,7 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
             definition: def.hash.as_str().into(),
             fence: fence.clone(),
             cancelled_by,
+            nudge,
         };
         let drive = async {
             let driver = match journal {
@@ -711,9 +793,22 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
         inner.active.lock().expect("active").remove(&id);
         match result {
             Ok(Outcome::Finished { status, output, error }) => {
-                inner.notify(&id, Ok(RunOutcome { id: id.clone(), status, output, error }));
+                inner.notify(&id, Ok(RunOutcome { id: id.clone(), status, output, error, wake_at: None }));
             }
-            Ok(Outcome::Parked { wake_at }) => inner.add_timer(wake_at, id),
+            Ok(Outcome::Parked { wake_at: Some(at) }) => {
+                inner.notify_parked(&id, Some(at));
+                inner.add_timer(at, id);
+            }
+            Ok(Outcome::Parked { wake_at: None }) => {
+                inner.notify_parked(&id, None);
+                // Waits for a signal. One sent while the run was parking made
+                // it due at once (the store saw it): pick it up again.
+                match inner.store.signalled(&id).await {
+                    Ok(pending) if !pending.is_empty() => inner.add_timer(inner.clock.now_ms(), id),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(run = %id, error = %e, "looking for signals; the poll finds them"),
+                }
+            }
             Err(DriveError::Commit(CommitError::Fenced(_))) => {
                 tracing::warn!(run = %id, "lease lost; another node continues the run");
                 inner.notify(&id, Err("its lease was lost; another process continues it".into()));
@@ -750,8 +845,7 @@ async fn pick_up(inner: &Arc<Inner>, record: &RunRecord) -> Result<bool> {
     if inner.active.lock().expect("active").contains_key(id) {
         return Ok(false);
     }
-    let now = inner.clock.now_ms();
-    let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, now, inner.lease_until(), false).await? else {
+    let Some(claim) = inner.store.claim(id, &inner.node, record.epoch, inner.options.lease, false).await? else {
         // Finished or taken meanwhile: waiters here learn of the end from the poll.
         return Ok(false);
     };
@@ -816,7 +910,7 @@ async fn lease_loop(inner: Arc<Inner>) {
         }
         // Only the runs driven here: a run whose driver ended keeps no lease.
         let ids: Vec<String> = inner.active.lock().expect("active").keys().cloned().collect();
-        if let Err(e) = inner.store.renew(&inner.node, &ids, inner.lease_until()).await {
+        if let Err(e) = inner.store.renew(&inner.node, &ids, inner.options.lease).await {
             tracing::warn!(error = %e, "renewing leases");
         }
     }
@@ -845,11 +939,31 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
         let active = inner.active.lock().expect("active");
         waiters.keys().filter(|id| !active.contains_key(*id)).cloned().collect()
     };
+    let now = inner.clock.now_ms();
     for id in orphans {
-        if let Some(record) = inner.store.run(&id).await?
-            && record.status.is_finished()
-        {
-            inner.notify(&id, Ok(outcome(&record)));
+        match inner.store.run(&id).await? {
+            Some(record) if record.status.is_finished() => inner.notify(&id, Ok(outcome(&record))),
+            // Parked and now due (a signal came from another process): the
+            // process waiting for it drives it, worker or not.
+            Some(record)
+                if record.status == RunStatus::Waiting
+                    && record.owner.is_none()
+                    && record.wake_at.is_some_and(|at| at <= now) =>
+            {
+                inner.timers.lock().expect("timers").remove(&id);
+                if let Err(e) = pick_up(inner, &record).await {
+                    tracing::warn!(run = %id, error = %e, "picking up a woken run");
+                }
+            }
+            _ => {}
+        }
+    }
+    // Signals sent from other processes to runs driven here.
+    if !inner.active.lock().expect("active").is_empty() {
+        for root in inner.store.signalled_roots().await? {
+            if let Some(active) = inner.active.lock().expect("active").get(&root) {
+                active.nudge.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
     }
     for (id, actor) in inner.store.cancel_requests(&inner.node).await? {
@@ -861,7 +975,6 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
     if !inner.options.worker {
         return Ok(());
     }
-    let now = inner.clock.now_ms();
     // Runs parked by any process wake here on time; the soonest first, so
     // many far-off ones cannot hide a near one.
     for (id, at) in inner.store.next_wakes(now, 256).await? {
@@ -873,7 +986,7 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
     if room == 0 {
         return Ok(());
     }
-    for (run, claim) in inner.store.claim_due(&inner.node, now, inner.lease_until(), room).await? {
+    for (run, claim) in inner.store.claim_due(&inner.node, now, inner.options.lease, room).await? {
         let fence = Fence { root: run.id.clone(), epoch: claim.epoch };
         if inner.active.lock().expect("active").contains_key(&run.id) {
             // Its driver here let the lease lapse and is now fenced; the run

@@ -10,7 +10,7 @@ mod sqlite;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use switchyard_steps::StepError;
+use switchyard_steps::{Signal, StepError};
 
 use crate::journal::{Encoded, Event, RunStatus};
 use crate::workflow::Bundle;
@@ -92,7 +92,8 @@ pub struct NewRun {
     /// Roots are created owned by the node that starts them.
     pub owner: Option<String>,
     pub epoch: i64,
-    pub lease_until: Option<i64>,
+    /// How long the owner's lease lasts from the store's now.
+    pub lease: Option<std::time::Duration>,
     pub idempotency_key: Option<String>,
 }
 
@@ -105,6 +106,42 @@ pub struct RunUpdate {
     pub wake_at: Option<i64>,
     /// Give up the lease (parked or finished).
     pub release: bool,
+    /// Signals the run starts or stops waiting for.
+    pub waits: Vec<WaitChange>,
+}
+
+/// A change to what a run waits for, written with its events.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitChange {
+    /// Step `step` waits for signal `name`, at most until `deadline`.
+    Wait { name: String, step: String, deadline: Option<i64> },
+    /// The wait for `name` ended: its signal was received (journaled with
+    /// this write) or its deadline passed.
+    Done { name: String },
+}
+
+/// What [`Store::signal`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signalled {
+    /// Recorded; the run (and its parents, if parked) are due now.
+    /// `waiting`: a step was already waiting for it (else it is kept until
+    /// one does).
+    Delivered { root: String, waiting: bool },
+    /// This run already received a signal of that name.
+    Duplicate,
+    /// The step that waited for it stopped waiting (its deadline passed),
+    /// or `require_waiting` was set and no step waits for it.
+    NotWaiting,
+    /// The run is finished.
+    Finished(RunStatus),
+}
+
+/// A child run as its parent step sees it when it starts or wakes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildState {
+    pub id: String,
+    pub status: RunStatus,
+    pub wake_at: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -163,34 +200,46 @@ pub trait Store: Send + Sync + 'static {
     /// The sequence number the next event of run `id` gets (0 for none).
     async fn next_seq(&self, id: &str) -> Result<i64>;
 
-    /// Takes the lease of a root run, as a compare-and-set on the epoch the
-    /// caller last saw (`seen_epoch`): of two claims that saw the same epoch,
-    /// at most one succeeds, even from one node. The run must be unowned,
-    /// owned by `node`, or its lease expired. `None` if the claim lost, or
-    /// the run is finished (unless `allow_finished`, used by resume).
+    /// Takes the lease of a root run for `lease`, as a compare-and-set on
+    /// the epoch the caller last saw (`seen_epoch`): of two claims that saw
+    /// the same epoch, at most one succeeds, even from one node. The run must
+    /// be unowned, owned by `node`, or its lease expired. `None` if the claim
+    /// lost, or the run is finished (unless `allow_finished`, used by resume).
+    ///
+    /// Lease times are the store's own (its clock; the database server's
+    /// with PostgreSQL), never a caller's: nodes whose clocks differ still
+    /// agree on when a lease has expired.
     async fn claim(
         &self,
         id: &str,
         node: &str,
         seen_epoch: i64,
-        now: i64,
-        lease_until: i64,
+        lease: std::time::Duration,
         allow_finished: bool,
     ) -> Result<Option<Claim>>;
     /// Root runs a worker should pick up now, most overdue first: parked runs
-    /// whose `wake_at` has come, and unfinished runs nobody holds (unowned,
-    /// or their owner's lease expired). Parked runs not yet due are not
+    /// whose `wake_at` has come by `now` (the engine's clock, which timers
+    /// use), and unfinished runs nobody holds (unowned, or their owner's lease
+    /// expired by the store's clock). Parked runs not yet due are not
     /// returned.
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>>;
     /// Claims up to `limit` of the runs [`Store::claimable`] would return, in
-    /// one statement, most overdue first: a worker's pick-up without a
-    /// read-then-claim race per run. Returns each run as claimed.
-    async fn claim_due(&self, node: &str, now: i64, lease_until: i64, limit: i64) -> Result<Vec<(RunRecord, Claim)>>;
+    /// one statement, most overdue first, each for `lease`: a worker's
+    /// pick-up without a read-then-claim race per run. Returns each run as
+    /// claimed.
+    async fn claim_due(
+        &self,
+        node: &str,
+        now: i64,
+        lease: std::time::Duration,
+        limit: i64,
+    ) -> Result<Vec<(RunRecord, Claim)>>;
     /// Parked root runs nobody holds that are due after `now`, soonest
     /// first, as `(id, wake_at)`: a worker sets its timers from them.
     async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>>;
-    /// Extends the leases of the runs `ids` that this node owns.
-    async fn renew(&self, node: &str, ids: &[String], lease_until: i64) -> Result<u64>;
+    /// Extends the leases of the runs `ids` that this node owns to `lease`
+    /// from the store's now.
+    async fn renew(&self, node: &str, ids: &[String], lease: std::time::Duration) -> Result<u64>;
     /// Gives up one run's lease, if still held under `fence`.
     async fn release(&self, node: &str, fence: &Fence) -> Result<()>;
     /// Releases every lease of this node (clean shutdown).
@@ -198,6 +247,28 @@ pub trait Store: Send + Sync + 'static {
     /// Runs owned by `node` whose cancellation was requested, with who asked.
     async fn cancel_requests(&self, node: &str) -> Result<Vec<(String, Option<String>)>>;
     async fn request_cancel(&self, id: &str, actor: Option<&str>, now: i64) -> Result<()>;
+
+    /// Sends signal `name` to run `run` (root or child) in one transaction:
+    /// records it, and makes the run and each parked run above it due now,
+    /// so the tree is driven again. With `require_waiting`, only a run whose
+    /// step already waits for it takes it.
+    async fn signal(
+        &self,
+        run: &str,
+        name: &str,
+        payload: &Value,
+        actor: Option<&str>,
+        now: i64,
+        require_waiting: bool,
+    ) -> Result<Signalled>;
+    /// Signals sent to run `run` and not yet received.
+    async fn signals(&self, run: &str) -> Result<Vec<Signal>>;
+    /// Runs of root `root`'s tree with signals sent and not yet received.
+    async fn signalled(&self, root: &str) -> Result<Vec<String>>;
+    /// Root runs whose tree has signals sent and not yet received.
+    async fn signalled_roots(&self) -> Result<Vec<String>>;
+    /// The children of run `parent`: id, status and wake-up time only.
+    async fn child_states(&self, parent: &str) -> Result<Vec<ChildState>>;
 
     /// Resolves when something a worker acts on may have changed (a lease was
     /// given back, a cancel was requested), or after `within` at the latest:

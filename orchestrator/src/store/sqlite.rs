@@ -12,8 +12,11 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
+use switchyard_steps::{Clock, Signal, SystemClock};
 
-use super::{Claim, Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Store, Write};
+use super::{
+    ChildState, Claim, Error, Fence, JournalEntry, Result, RunRecord, RunUpdate, Signalled, Store, WaitChange, Write,
+};
 use crate::journal::{self, Encoded, RunStatus};
 use crate::workflow::Bundle;
 
@@ -21,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../../migrations/sqlite/0002_indexes.sql")),
     (3, include_str!("../../migrations/sqlite/0003_cancel_actor.sql")),
+    (4, include_str!("../../migrations/sqlite/0004_signals.sql")),
 ];
 
 /// Rows per multi-row INSERT (5 binds each, well under SQLite's limit).
@@ -42,6 +46,9 @@ pub struct SqliteStore {
     /// Changes made through this store, for [`Store::changed`] (SQLite
     /// cannot tell other processes; they see changes at their next poll).
     changes: Arc<tokio::sync::Notify>,
+    /// Where lease times come from: this machine's clock, shared by every
+    /// process on the file.
+    clock: Arc<dyn Clock>,
 }
 
 impl SqliteStore {
@@ -68,7 +75,18 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(connect.read_only(true))
             .await?;
-        Ok(Self { write, read, changes: Arc::default() })
+        Ok(Self { write, read, changes: Arc::default(), clock: Arc::new(SystemClock) })
+    }
+
+    /// The store with another clock for lease times (tests).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn lease_until(&self, lease: Duration) -> (i64, i64) {
+        let now = self.clock.now_ms();
+        (now, now.saturating_add(lease.as_millis().min(i64::MAX as u128) as i64))
     }
 }
 
@@ -170,14 +188,15 @@ macro_rules! select_runs {
 }
 
 /// `WHERE ... ORDER BY ... LIMIT` of the runs a worker should pick up (bind
-/// `?1` = now, `?2` = limit): parked runs that are due, unfinished runs
-/// nobody holds, runs whose owner's lease expired; most overdue first.
+/// `?1` = now for wake-ups, `?2` = limit, `?3` = the store's now for
+/// leases): parked runs that are due, unfinished runs nobody holds, runs
+/// whose owner's lease expired; most overdue first.
 macro_rules! due_runs {
     () => {
         "WHERE parent_id IS NULL AND ( \
            (status = 'waiting' AND owner IS NULL AND wake_at <= ?1) \
            OR (status IN ('queued', 'running') AND owner IS NULL) \
-           OR (status IN ('queued', 'running', 'waiting') AND owner IS NOT NULL AND lease_until < ?1)) \
+           OR (status IN ('queued', 'running', 'waiting') AND owner IS NOT NULL AND lease_until < ?3)) \
          ORDER BY CASE WHEN owner IS NULL AND status = 'waiting' THEN wake_at \
                   WHEN owner IS NULL THEN updated_at ELSE lease_until END, id LIMIT ?2"
     };
@@ -194,27 +213,74 @@ async fn insert_events(tx: &mut sqlx::SqliteConnection, rows: &[(&str, i64, &Enc
     Ok(())
 }
 
-async fn apply_update(tx: &mut sqlx::SqliteConnection, run: &str, now: i64, u: &RunUpdate) -> Result<()> {
+/// The ids of run `run`'s descendants sort in `[run/, run0)`: a child's id
+/// is its parent's, `/`, and more (`'0'` is the byte after `'/'`).
+fn subtree(run: &str) -> (String, String) {
+    (format!("{run}/"), format!("{run}0"))
+}
+
+async fn apply_update(tx: &mut sqlx::SqliteConnection, run: &str, root: &str, now: i64, u: &RunUpdate) -> Result<()> {
     let finished = u.status.is_some_and(RunStatus::is_finished);
+    // A run that parks while a signal for it (or for a run below it) is
+    // already committed is due at once: the signal's own wake-up may have
+    // come while the run was still running, before it parked.
+    let (lo, hi) = subtree(run);
     sqlx::query(
-        "UPDATE runs SET status = COALESCE(?, status), output = COALESCE(?, output), error = ?, wake_at = ?, \
-         owner = CASE WHEN ? THEN NULL ELSE owner END, lease_until = CASE WHEN ? THEN NULL ELSE lease_until END, \
-         finished_at = CASE WHEN ? THEN ? ELSE NULL END, cancel_requested = CASE WHEN ? THEN 0 ELSE cancel_requested END, \
-         updated_at = ? WHERE id = ?",
+        "UPDATE runs SET status = COALESCE(?1, status), output = COALESCE(?2, output), error = ?3, \
+         wake_at = CASE WHEN ?1 = 'waiting' AND EXISTS (SELECT 1 FROM waits WHERE root_id = ?9 \
+             AND signalled_at IS NOT NULL AND done_at IS NULL AND (run_id = ?8 OR (run_id >= ?10 AND run_id < ?11))) \
+           THEN ?7 ELSE ?4 END, \
+         owner = CASE WHEN ?5 THEN NULL ELSE owner END, lease_until = CASE WHEN ?5 THEN NULL ELSE lease_until END, \
+         finished_at = CASE WHEN ?6 THEN ?7 ELSE NULL END, cancel_requested = CASE WHEN ?6 THEN 0 ELSE cancel_requested END, \
+         updated_at = ?7 WHERE id = ?8",
     )
     .bind(u.status.map(RunStatus::as_str))
     .bind(u.output.as_ref().map(json_text))
     .bind(u.error.as_ref().map(|e| serde_json::to_string(e).expect("errors serialize")))
     .bind(u.wake_at)
     .bind(u.release)
-    .bind(u.release)
-    .bind(finished)
-    .bind(now)
     .bind(finished)
     .bind(now)
     .bind(run)
+    .bind(root)
+    .bind(lo)
+    .bind(hi)
     .execute(&mut *tx)
     .await?;
+    for change in &u.waits {
+        match change {
+            WaitChange::Wait { name, step, deadline } => {
+                sqlx::query(
+                    "INSERT INTO waits (run_id, name, root_id, step, deadline, waiting_since) VALUES (?, ?, ?, ?, ?, ?) \
+                     ON CONFLICT (run_id, name) DO UPDATE SET step = excluded.step, deadline = excluded.deadline, \
+                     waiting_since = COALESCE(waits.waiting_since, excluded.waiting_since)",
+                )
+                .bind(run)
+                .bind(name)
+                .bind(root)
+                .bind(step)
+                .bind(deadline)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            WaitChange::Done { name } => {
+                sqlx::query("UPDATE waits SET done_at = ? WHERE run_id = ? AND name = ? AND done_at IS NULL")
+                    .bind(now)
+                    .bind(run)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+    }
+    if finished {
+        sqlx::query("UPDATE waits SET done_at = ? WHERE run_id = ? AND done_at IS NULL")
+            .bind(now)
+            .bind(run)
+            .execute(&mut *tx)
+            .await?;
+    }
     Ok(())
 }
 
@@ -312,10 +378,10 @@ impl Store for SqliteStore {
         id: &str,
         node: &str,
         seen_epoch: i64,
-        now: i64,
-        lease_until: i64,
+        lease: Duration,
         allow_finished: bool,
     ) -> Result<Option<Claim>> {
+        let (now, lease_until) = self.lease_until(lease);
         let row: Option<(i64, i64, Option<String>)> = sqlx::query_as(
             "UPDATE runs SET owner = ?, epoch = epoch + 1, lease_until = ?, updated_at = ? \
              WHERE id = ? AND parent_id IS NULL AND epoch = ? AND (owner IS NULL OR owner = ? OR lease_until < ?) \
@@ -335,14 +401,19 @@ impl Store for SqliteStore {
     }
 
     async fn claimable(&self, now: i64, limit: i64) -> Result<Vec<RunRecord>> {
-        let rows =
-            sqlx::query(concat!(select_runs!(""), due_runs!())).bind(now).bind(limit).fetch_all(&self.read).await?;
+        let rows = sqlx::query(concat!(select_runs!(""), due_runs!()))
+            .bind(now)
+            .bind(limit)
+            .bind(self.clock.now_ms())
+            .fetch_all(&self.read)
+            .await?;
         rows.iter().map(record).collect()
     }
 
-    async fn claim_due(&self, node: &str, now: i64, lease_until: i64, limit: i64) -> Result<Vec<(RunRecord, Claim)>> {
+    async fn claim_due(&self, node: &str, now: i64, lease: Duration, limit: i64) -> Result<Vec<(RunRecord, Claim)>> {
+        let (store_now, lease_until) = self.lease_until(lease);
         let rows = sqlx::query(concat!(
-            "UPDATE runs SET owner = ?3, epoch = epoch + 1, lease_until = ?4, updated_at = ?1 \
+            "UPDATE runs SET owner = ?4, epoch = epoch + 1, lease_until = ?5, updated_at = ?3 \
              WHERE id IN (SELECT id FROM runs ",
             due_runs!(),
             ") RETURNING id, root_id, parent_id, workflow, version, definition, status, input, output, error, \
@@ -350,6 +421,7 @@ impl Store for SqliteStore {
         ))
         .bind(now)
         .bind(limit)
+        .bind(store_now)
         .bind(node)
         .bind(lease_until)
         .fetch_all(&self.write)
@@ -375,6 +447,119 @@ impl Store for SqliteStore {
         let _ = tokio::time::timeout(within, self.changes.notified()).await;
     }
 
+    async fn signal(
+        &self,
+        run: &str,
+        name: &str,
+        payload: &Value,
+        actor: Option<&str>,
+        now: i64,
+        require_waiting: bool,
+    ) -> Result<Signalled> {
+        let mut conn = self.write.acquire().await?;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?;
+        let found: Option<(String, String)> =
+            sqlx::query_as("SELECT status, root_id FROM runs WHERE id = ?").bind(run).fetch_optional(&mut *tx).await?;
+        let Some((status, root)) = found else { return Err(Error::NotFound(run.to_owned())) };
+        let status = RunStatus::parse(&status).ok_or_else(|| Error::Corrupt(format!("run status {status:?}")))?;
+        if status.is_finished() {
+            return Ok(Signalled::Finished(status));
+        }
+        let wait: Option<(Option<i64>, Option<i64>, Option<i64>)> =
+            sqlx::query_as("SELECT waiting_since, signalled_at, done_at FROM waits WHERE run_id = ? AND name = ?")
+                .bind(run)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let waiting = match wait {
+            Some((_, Some(_), _)) => return Ok(Signalled::Duplicate),
+            Some((_, None, Some(_))) => return Ok(Signalled::NotWaiting),
+            Some((since, None, None)) => since.is_some(),
+            None => false,
+        };
+        if require_waiting && !waiting {
+            return Ok(Signalled::NotWaiting);
+        }
+        sqlx::query(
+            "INSERT INTO waits (run_id, name, root_id, payload, actor, signalled_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (run_id, name) DO UPDATE SET payload = excluded.payload, actor = excluded.actor, \
+             signalled_at = excluded.signalled_at",
+        )
+        .bind(run)
+        .bind(name)
+        .bind(&root)
+        .bind(json_text(payload))
+        .bind(actor)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // The run and every parked run above it are due now (one primary
+        // key lookup per level: a recursive CTE here scans the table).
+        let mut level = Some(run.to_owned());
+        while let Some(id) = level {
+            let parent: Option<Option<String>> = sqlx::query_scalar(
+                "UPDATE runs SET wake_at = CASE WHEN status = 'waiting' AND (wake_at IS NULL OR wake_at > ?1) \
+                 THEN ?1 ELSE wake_at END WHERE id = ?2 RETURNING parent_id",
+            )
+            .bind(now)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            level = parent.flatten();
+        }
+        tx.commit().await?;
+        self.changes.notify_waiters();
+        Ok(Signalled::Delivered { root, waiting })
+    }
+
+    async fn signals(&self, run: &str) -> Result<Vec<Signal>> {
+        let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT name, payload, actor, signalled_at FROM waits \
+             WHERE run_id = ? AND signalled_at IS NOT NULL AND done_at IS NULL ORDER BY signalled_at, name",
+        )
+        .bind(run)
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter()
+            .map(|(name, payload, actor, at)| {
+                let payload = parse_json(payload, "signal payload")?.unwrap_or(Value::Null);
+                Ok(Signal { name, payload, actor, at })
+            })
+            .collect()
+    }
+
+    async fn signalled(&self, root: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT run_id FROM waits WHERE root_id = ? AND signalled_at IS NOT NULL AND done_at IS NULL",
+        )
+        .bind(root)
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    async fn signalled_roots(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT root_id FROM waits WHERE signalled_at IS NOT NULL AND done_at IS NULL LIMIT 10000",
+        )
+        .fetch_all(&self.read)
+        .await?)
+    }
+
+    async fn child_states(&self, parent: &str) -> Result<Vec<ChildState>> {
+        let rows: Vec<(String, String, Option<i64>)> =
+            sqlx::query_as("SELECT id, status, wake_at FROM runs WHERE parent_id = ?")
+                .bind(parent)
+                .fetch_all(&self.read)
+                .await?;
+        rows.into_iter()
+            .map(|(id, status, wake_at)| {
+                let status =
+                    RunStatus::parse(&status).ok_or_else(|| Error::Corrupt(format!("run status {status:?}")))?;
+                Ok(ChildState { id, status, wake_at })
+            })
+            .collect()
+    }
+
     async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>> {
         Ok(sqlx::query_as(
             "SELECT id, wake_at FROM runs WHERE parent_id IS NULL AND status = 'waiting' AND owner IS NULL \
@@ -386,10 +571,11 @@ impl Store for SqliteStore {
         .await?)
     }
 
-    async fn renew(&self, node: &str, ids: &[String], lease_until: i64) -> Result<u64> {
+    async fn renew(&self, node: &str, ids: &[String], lease: Duration) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
+        let (_, lease_until) = self.lease_until(lease);
         let ids = serde_json::to_string(ids).expect("strings serialize");
         let done =
             sqlx::query("UPDATE runs SET lease_until = ? WHERE owner = ? AND id IN (SELECT value FROM json_each(?))")
@@ -494,7 +680,7 @@ impl SqliteStore {
                     .bind(json_text(&run.input))
                     .bind(&run.owner)
                     .bind(run.epoch)
-                    .bind(run.lease_until)
+                    .bind(run.lease.map(|l| self.lease_until(l).1))
                     .bind(&run.idempotency_key)
                     .bind(now)
                     .bind(now)
@@ -513,7 +699,7 @@ impl SqliteStore {
                     }
                     rows.extend(events.iter().enumerate().map(|(i, e)| (run.as_str(), first_seq + i as i64, e)));
                     if let Some(update) = update {
-                        apply_update(&mut tx, run, now, update).await?;
+                        apply_update(&mut tx, run, &fence.root, now, update).await?;
                     }
                     results.push(Ok(()));
                 }
