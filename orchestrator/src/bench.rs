@@ -213,7 +213,6 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
 
 /// Resident memory of this process, from `/proc/self/statm` (Linux).
 fn rss_bytes() -> Result<f64> {
-
     let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
     let pages: f64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).context("parsing statm")?;
     Ok(pages * 4096.0)

@@ -567,8 +567,12 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             put!(text, "workflow: {} v{}", printable(&r.workflow), r.version);
             put!(text, "status:   {}", r.status);
             put!(text, "created:  {}", report::format_ms(r.created_at));
-            if let Some(at) = r.wake_at.filter(|_| r.status == RunStatus::Waiting) {
-                put!(text, "wakes:    {}", report::format_ms(at));
+            match r.wake_at {
+                Some(at) if r.status == RunStatus::Waiting => put!(text, "wakes:    {}", report::format_ms(at)),
+                None if r.status == RunStatus::Waiting => {
+                    put!(text, "wakes:    on a signal (`switchyard signal {} <name>`)", printable(&r.id))
+                }
+                _ => {}
             }
             put!(text, "input:    {}", report::json(&r.input)?);
             if let Some(out) = &r.output {
