@@ -737,6 +737,14 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
     {
         let mut active = inner.active.lock().expect("active");
         if active.contains_key(&id) {
+            // Already driven here (the paths that claim check first, so this
+            // is a bug): give the new claim back rather than leave the run
+            // owned with nobody driving it under that epoch.
+            tracing::error!(run = %id, "claimed a run already driven here; releasing the claim");
+            let (inner, fence) = (inner.clone(), Fence { root: id.clone(), epoch: claim.epoch });
+            tokio::spawn(async move {
+                let _ = inner.store.release(&inner.node, &fence).await;
+            });
             return;
         }
         active.insert(
