@@ -158,6 +158,41 @@ async fn stop_children(running: &mut JoinSet<(usize, Result<ChildEnd, Stop>)>, c
 /// it (and its run) parks.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// A map's parked children: how many, and the wake-up times of those that
+/// have one (one timer for the map: the soonest).
+#[derive(Default)]
+struct ParkedSet {
+    count: usize,
+    timers: std::collections::BTreeSet<(i64, usize)>,
+}
+
+impl ParkedSet {
+    fn add(&mut self, child: usize, at: Option<i64>) {
+        self.count += 1;
+        if let Some(at) = at {
+            self.timers.insert((at, child));
+        }
+    }
+
+    fn remove(&mut self, child: usize, at: Option<i64>) {
+        self.count -= 1;
+        if let Some(at) = at {
+            self.timers.remove(&(at, child));
+        }
+    }
+
+    fn soonest(&self) -> Option<i64> {
+        self.timers.first().map(|&(at, _)| at)
+    }
+
+    /// The children whose time has come; their timers are done (they stay
+    /// counted as parked until they start).
+    fn take_due(&mut self, now: i64) -> Vec<usize> {
+        let later = self.timers.split_off(&(now.saturating_add(1), 0));
+        std::mem::replace(&mut self.timers, later).into_iter().map(|(_, child)| child).collect()
+    }
+}
+
 /// A map child as the map step tracks it: a few bytes each, so a map of
 /// many parked children holds little.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -190,6 +225,7 @@ pub(crate) async fn run_map(
     let n = items.len();
     let mut items: Vec<Option<Value>> = items.into_iter().map(Some).collect();
     let mut children = vec![Child::ToRun; n];
+    let mut parked = ParkedSet::default();
     let mut outputs: Vec<Option<Value>> = vec![None; n];
     // What the store knows (children made before a crash or a park).
     let now = inner.clock.now_ms();
@@ -197,7 +233,10 @@ pub(crate) async fn run_map(
         let Some(index) = index_of(&child.id).filter(|&i| i < n) else { continue };
         children[index] = match child.status {
             RunStatus::Succeeded => Child::Done,
-            RunStatus::Waiting if child.wake_at.is_none_or(|at| at > now) => Child::Parked(child.wake_at),
+            RunStatus::Waiting if child.wake_at.is_none_or(|at| at > now) => {
+                parked.add(index, child.wake_at);
+                Child::Parked(child.wake_at)
+            }
             // Failed and cancelled children fail the step when driven.
             _ => Child::ToRun,
         };
@@ -242,8 +281,10 @@ pub(crate) async fn run_map(
                     next
                 }
             };
-            if children[index] != Child::ToRun && !matches!(children[index], Child::Parked(_)) {
-                continue;
+            match children[index] {
+                Child::ToRun => {}
+                Child::Parked(at) => parked.remove(index, at),
+                Child::Running | Child::Done => continue,
             }
             children[index] = Child::Running;
             let item = items[index].take();
@@ -263,16 +304,8 @@ pub(crate) async fn run_map(
             if ctx.is_cancelled() {
                 return Err(Stop::Error(StepError::fatal("cancelled", "the run was cancelled")));
             }
-            let mut soonest: Option<Option<i64>> = None;
-            for child in &children {
-                if let Child::Parked(at) = child {
-                    soonest = Some(match (soonest.flatten(), at) {
-                        (Some(a), Some(b)) => Some(a.min(*b)),
-                        (a, b) => a.or(*b),
-                    });
-                }
-            }
-            if let Some(until_ms) = soonest {
+            if parked.count > 0 {
+                let until_ms = parked.soonest();
                 // Signals often come in bursts (a batch approved at once):
                 // before the run parks and is loaded again for each one,
                 // wait a moment for the next.
@@ -288,10 +321,8 @@ pub(crate) async fn run_map(
             }
             break;
         }
-        let soonest_timer =
-            children.iter().filter_map(|c| if let Child::Parked(Some(at)) = c { Some(*at) } else { None }).min();
         let sleep = async {
-            match soonest_timer {
+            match parked.soonest() {
                 Some(at) => inner.clock.sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -310,12 +341,14 @@ pub(crate) async fn run_map(
                     children[index] = Child::Done;
                     outputs[index] = Some(output);
                 }
-                Ok((index, Ok(ChildEnd::Parked(at)))) => children[index] = Child::Parked(at),
+                Ok((index, Ok(ChildEnd::Parked(at)))) => {
+                    parked.add(index, at);
+                    children[index] = Child::Parked(at);
+                }
             },
             _ = sleep => {
-                let now = inner.clock.now_ms();
-                for (i, child) in children.iter().enumerate() {
-                    if matches!(child, Child::Parked(Some(at)) if *at <= now) && !std::mem::replace(&mut queued[i], true) {
+                for i in parked.take_due(inner.clock.now_ms()) {
+                    if !std::mem::replace(&mut queued[i], true) {
                         woken.push_back(i);
                     }
                 }

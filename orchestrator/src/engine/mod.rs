@@ -317,21 +317,11 @@ impl Engine {
             found => {
                 // No need to wait: take this waiter out again.
                 drop(rx);
-                let mut waiters = self.inner.waiters.lock().expect("waiters");
-                if let Some(list) = waiters.get_mut(id) {
-                    list.retain(|w| !w.is_closed());
-                    if list.is_empty() {
-                        waiters.remove(id);
-                    }
-                }
+                forget_closed(&self.inner.waiters, id);
                 return found.map(|r| outcome(&r)).ok_or_else(|| Error::NotFound(id.to_owned()));
             }
         }
-        match rx.await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(reason)) => Err(Error::Interrupted(id.to_owned(), reason)),
-            Err(_) => Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
-        }
+        waited(id, rx).await
     }
 
     /// Waits until a root run has finished or parked (waits for a timer far
@@ -350,21 +340,11 @@ impl Engine {
             Some(_) => None,
         };
         if let Some(settled) = settled {
-            let mut waiters = self.inner.settle_waiters.lock().expect("waiters");
-            if let Some(list) = waiters.get_mut(id) {
-                list.retain(|w| !w.is_closed());
-                if list.is_empty() {
-                    waiters.remove(id);
-                }
-            }
             drop(rx);
+            forget_closed(&self.inner.settle_waiters, id);
             return settled;
         }
-        match rx.await {
-            Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(reason)) => Err(Error::Interrupted(id.to_owned(), reason)),
-            Err(_) => Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
-        }
+        waited(id, rx).await
     }
 
     /// Submits and waits.
@@ -589,6 +569,26 @@ impl Engine {
         if let Err(e) = self.inner.store.release_all(&self.inner.node).await {
             tracing::warn!(error = %e, "releasing leases on shutdown");
         }
+    }
+}
+
+/// Drops the waiters of run `id` that nobody listens to any more.
+fn forget_closed(waiters: &Mutex<HashMap<String, Vec<Waiter>>>, id: &str) {
+    let mut waiters = waiters.lock().expect("waiters");
+    if let Some(list) = waiters.get_mut(id) {
+        list.retain(|w| !w.is_closed());
+        if list.is_empty() {
+            waiters.remove(id);
+        }
+    }
+}
+
+/// What a waiter of run `id` was told.
+async fn waited(id: &str, rx: oneshot::Receiver<Result<RunOutcome, String>>) -> Result<RunOutcome> {
+    match rx.await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(reason)) => Err(Error::Interrupted(id.to_owned(), reason)),
+        Err(_) => Err(Error::Interrupted(id.to_owned(), "the engine stopped".into())),
     }
 }
 
