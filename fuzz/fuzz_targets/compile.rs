@@ -5,15 +5,13 @@
 #![no_main]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-
 use libfuzzer_sys::fuzz_target;
 use switchyard_orchestrator::compile::compile_bundle;
 use switchyard_orchestrator::workflow::Bundle;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data).into_owned();
-    let registry = switchyard_orchestrator::registry(Arc::new(switchyard_steps::http::Offline));
+    let registry = switchyard_orchestrator::offline_registry();
     let caller = "name: caller\nsteps:\n  - {id: c, kind: workflow, with: {path: called.yaml}}\n".to_owned();
     let bundles = [
         Bundle { root: "wf.yaml".into(), files: BTreeMap::from([("wf.yaml".to_owned(), text.clone())]) },

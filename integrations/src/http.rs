@@ -50,6 +50,12 @@ impl ReqwestHttp {
         Ok(Self { client })
     }
 
+    /// The underlying client (rustls with ring, no redirects followed), for
+    /// adapters that speak HTTP through a library, like the model adapter.
+    pub fn client(&self) -> reqwest::Client {
+        self.client.clone()
+    }
+
     /// Sends `hop` and every redirect it leads to, up to [`MAX_REDIRECTS`].
     async fn follow(&self, mut hop: Hop, timeout: Duration) -> Result<HttpResponse, HttpError> {
         let mut redirects = 0;

@@ -131,12 +131,7 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
     let url = dir.join("bench.db").display().to_string();
     let store = Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full }).await?);
     let options = EngineOptions { max_concurrent_runs: 1024, ..Default::default() };
-    let engine = Engine::start(
-        store,
-        crate::registry(Arc::new(switchyard_steps::http::Offline)),
-        Arc::new(SystemClock),
-        options,
-    );
+    let engine = Engine::start(store, crate::offline_registry(), Arc::new(SystemClock), options);
     let mode = if synchronous_full { "sqlite-wal-full" } else { "sqlite-wal-normal" };
     let note = if synchronous_full {
         "in-process trigger; every step's output committed (WAL, synchronous=FULL, fsync) before the next step starts; group commit across runs"

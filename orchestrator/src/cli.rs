@@ -282,8 +282,13 @@ fn check_db(db: &str) -> Result<(), String> {
 }
 
 fn registry() -> Result<Registry> {
+    use switchyard_integrations::llm::{ProviderConfig, Providers};
     let http = switchyard_integrations::http::ReqwestHttp::new().context("HTTP client")?;
-    Ok(crate::registry(Arc::new(http)))
+    // The provider `default`, from the environment, until the vault holds
+    // connections.
+    let default = ProviderConfig::from_env(|name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
+    let models = Providers::new(http.client(), vec![default]);
+    Ok(crate::registry(Arc::new(http), Arc::new(models)))
 }
 
 async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
@@ -552,7 +557,10 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
                 return Ok(ExitCode::from(EXIT_INVALID));
             };
             let entries = store.journal(run).await?;
-            let steps = report::steps(&entries);
+            let mut steps = report::steps(&entries);
+            if let Ok(text) = std::env::var("SWITCHYARD_LLM_PRICES") {
+                report::Prices::parse(&text).map_err(anyhow::Error::msg)?.apply(&mut steps);
+            }
             let children = store.children(run).await?;
             if *json {
                 let detail = report::run_detail(&r, &steps, &children, journal.then_some(&entries[..]));

@@ -320,6 +320,9 @@ impl Compiler<'_> {
         if spec.concurrency == Some(0) {
             self.error(file, format!("{prefix}concurrency"), "must be at least 1");
         }
+        if spec.limits.llm_tokens == Some(0) {
+            self.error(file, format!("{prefix}limits.llm_tokens"), "must be at least 1");
+        }
         let input_schema = spec.input.as_ref().and_then(|schema| match jsonschema::validator_for(schema) {
             Ok(v) => Some(Arc::new(v)),
             Err(e) => {
@@ -513,6 +516,7 @@ impl Compiler<'_> {
             order,
             output,
             templates,
+            llm_tokens: spec.limits.llm_tokens,
         })
     }
 
@@ -601,6 +605,7 @@ impl Compiler<'_> {
                             concurrency: None,
                             steps,
                             output: cfg.output,
+                            limits: Default::default(),
                         };
                         let name = format!("{}.{}", self.names.last().map(String::as_str).unwrap_or(file), s.id);
                         self.workflow(file, &format!("{with_place}."), name, spec).map(Arc::new)

@@ -26,12 +26,26 @@ use std::sync::Arc;
 
 use switchyard_steps::Registry;
 use switchyard_steps::http::HttpClient;
-use switchyard_steps::kinds::{Fail, Http, Sleep, Transform, Wait};
+use switchyard_steps::kinds::{Decide, Fail, Http, Llm, Sleep, Transform, Wait};
+use switchyard_steps::llm::LanguageModel;
 
 pub use engine::{Engine, EngineOptions, RunOutcome};
 pub use workflow::{Definition, Workflow};
 
-/// The step kinds this build knows.
-pub fn registry(http: Arc<dyn HttpClient>) -> Registry {
-    Registry::new().with(Transform).with(Http::new(http)).with(Sleep).with(Wait).with(Fail)
+/// The step kinds this build knows, on the ports they use.
+pub fn registry(http: Arc<dyn HttpClient>, models: Arc<dyn LanguageModel>) -> Registry {
+    Registry::new()
+        .with(Transform)
+        .with(Http::new(http))
+        .with(Sleep)
+        .with(Wait)
+        .with(Fail)
+        .with(Llm::new(Arc::clone(&models)))
+        .with(Decide::new(models))
+}
+
+/// The step kinds on ports that reach nothing (no network, no model): for
+/// checking files and for benchmarks of the engine alone.
+pub fn offline_registry() -> Registry {
+    registry(Arc::new(switchyard_steps::http::Offline), Arc::new(switchyard_steps::llm::NoModels))
 }

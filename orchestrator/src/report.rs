@@ -28,6 +28,106 @@ pub struct StepSummary {
     pub duration_ms: Option<i64>,
     pub error: Option<StepError>,
     pub note: Option<String>,
+    /// The step's model calls (every journaled one, of every attempt).
+    pub llm: Option<LlmUse>,
+    /// What a `decide` step decided.
+    pub decision: Option<Decision>,
+}
+
+/// Model calls of a step, from its journaled `llm_call` operations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LlmUse {
+    pub calls: u32,
+    /// Calls that failed and were waited out (429, 5xx, timeouts).
+    pub unavailable: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The last model that answered.
+    pub model: String,
+    /// In the currency of the price table; `null` without a price for the
+    /// model (see `SWITCHYARD_LLM_PRICES`).
+    pub cost: Option<f64>,
+    /// Calls whose answers were reused from an earlier run (`runs rerun`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reused: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The output of a `decide` step, as shown.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub choice: String,
+    pub rationale: Option<String>,
+    pub confidence: Option<f64>,
+    pub fallback_reason: Option<String>,
+}
+
+impl Decision {
+    fn from_output(output: &Value) -> Option<Self> {
+        // A decision's output: `choice` and `fallback_used`.
+        let choice = output.get("choice")?.as_str()?.to_owned();
+        output.get("fallback_used")?.as_bool()?;
+        Some(Self {
+            choice,
+            rationale: output.get("rationale").and_then(Value::as_str).map(str::to_owned),
+            confidence: output.get("confidence").and_then(Value::as_f64),
+            fallback_reason: output.get("fallback_reason").and_then(Value::as_str).map(str::to_owned),
+        })
+    }
+}
+
+/// Prices per million tokens by model, from `SWITCHYARD_LLM_PRICES`:
+/// `{"gpt-4o-mini": {"input": 0.15, "output": 0.6}}`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct Prices(BTreeMap<String, Price>);
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+impl Prices {
+    /// Parses the price table; the error names the place.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let prices: Self = serde_json::from_str(text).map_err(|e| format!("SWITCHYARD_LLM_PRICES: {e}"))?;
+        for (model, p) in &prices.0 {
+            if !(p.input.is_finite() && p.output.is_finite() && p.input >= 0.0 && p.output >= 0.0) {
+                return Err(format!("SWITCHYARD_LLM_PRICES: {model}: prices are numbers of at least 0"));
+            }
+        }
+        Ok(prices)
+    }
+
+    /// What `usage` cost on `model`, if it has a price.
+    pub fn cost(&self, model: &str, input_tokens: u64, output_tokens: u64) -> Option<f64> {
+        let p = self.0.get(model)?;
+        Some((input_tokens as f64 * p.input + output_tokens as f64 * p.output) / 1_000_000.0)
+    }
+
+    /// Fills in the cost of each step's model calls.
+    pub fn apply(&self, steps: &mut [StepSummary]) {
+        for llm in steps.iter_mut().filter_map(|s| s.llm.as_mut()) {
+            llm.cost = self.cost(&llm.model, llm.input_tokens, llm.output_tokens);
+        }
+    }
+}
+
+/// Tokens and cost over all steps: `(input, output, cost)`; the cost is
+/// `None` if any step with calls has no price.
+pub fn llm_totals(steps: &[StepSummary]) -> Option<(u64, u64, Option<f64>)> {
+    let uses: Vec<&LlmUse> = steps.iter().filter_map(|s| s.llm.as_ref()).collect();
+    if uses.is_empty() {
+        return None;
+    }
+    let input = uses.iter().map(|u| u.input_tokens).sum();
+    let output = uses.iter().map(|u| u.output_tokens).sum();
+    let cost = uses.iter().try_fold(0.0, |sum, u| u.cost.map(|c| sum + c));
+    Some((input, output, cost))
 }
 
 /// Steps in the order they first appear in the journal.
@@ -70,11 +170,30 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
                 // An earlier attempt still open was interrupted: it counts 0.
                 open.insert(step.clone(), e.at);
             }
-            Event::StepSucceeded { step, .. } => {
+            Event::StepSucceeded { step, output, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
                 s.status = "succeeded".into();
                 s.error = None;
+                s.decision = Decision::from_output(output);
                 end(s, &mut open, e.at);
+            }
+            Event::StepOp { step, name, value, .. } if name == switchyard_steps::llm::CALL_OP => {
+                let s = entry(&mut by_id, &mut order, step);
+                let llm = s.llm.get_or_insert_with(LlmUse::default);
+                if value.get("outcome").and_then(Value::as_str) == Some("answered") {
+                    llm.calls += 1;
+                    let usage = &value["usage"];
+                    llm.input_tokens += usage["input_tokens"].as_u64().unwrap_or(0);
+                    llm.output_tokens += usage["output_tokens"].as_u64().unwrap_or(0);
+                    if let Some(model) = value.get("model").and_then(Value::as_str) {
+                        llm.model = model.to_owned();
+                    }
+                    if value.get("reused_from").is_some() {
+                        llm.reused += 1;
+                    }
+                } else {
+                    llm.unavailable += 1;
+                }
             }
             Event::StepFailed { step, error, retry_at, continued, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
@@ -238,6 +357,37 @@ pub fn render(steps: &[StepSummary]) -> String {
         };
         let status = printable(&s.status);
         let _ = writeln!(out, "  {id:<width$}  {status:<18} {attempts:<11} {took:>8}{detail}");
+        let pad = " ".repeat(width + 4);
+        if let Some(d) = &s.decision {
+            let confidence = d.confidence.map(|c| format!(" (confidence {c:.2})")).unwrap_or_default();
+            let fallback =
+                d.fallback_reason.as_deref().map(|r| format!(" [fallback: {}]", printable(r))).unwrap_or_default();
+            let _ = writeln!(out, "{pad}decided {}{confidence}{fallback}", printable(&d.choice));
+            if let Some(r) = &d.rationale {
+                let _ = writeln!(out, "{pad}rationale: {}", printable(r));
+            }
+        }
+        if let Some(llm) = &s.llm {
+            let calls = if llm.calls == 1 { "1 model call".to_owned() } else { format!("{} model calls", llm.calls) };
+            let mut line = format!("{calls}, {} in + {} out tokens", llm.input_tokens, llm.output_tokens);
+            if !llm.model.is_empty() {
+                line = format!("{}: {line}", printable(&llm.model));
+            }
+            if let Some(cost) = llm.cost {
+                let _ = write!(line, ", cost {cost:.6}");
+            }
+            if llm.unavailable > 0 {
+                let _ = write!(line, ", {} waited out", llm.unavailable);
+            }
+            if llm.reused > 0 {
+                let _ = write!(line, ", {} reused", llm.reused);
+            }
+            let _ = writeln!(out, "{pad}{line}");
+        }
+    }
+    if let Some((input, output, cost)) = llm_totals(steps) {
+        let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
+        let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
     }
     out
 }
@@ -321,6 +471,8 @@ pub struct StepDetail<'a> {
     pub ended_at_ms: Option<i64>,
     pub error: Option<&'a StepError>,
     pub note: Option<&'a str>,
+    pub llm: Option<&'a LlmUse>,
+    pub decision: Option<&'a Decision>,
 }
 
 /// One child run of [`RunDetail`].
@@ -380,6 +532,8 @@ pub fn run_detail<'a>(
                 ended_at_ms: s.ended_at,
                 error: s.error.as_ref(),
                 note: s.note.as_deref(),
+                llm: s.llm.as_ref(),
+                decision: s.decision.as_ref(),
             })
             .collect(),
         children: children.iter().map(|c| ChildItem { id: &c.id, workflow: &c.workflow, status: c.status }).collect(),

@@ -22,6 +22,18 @@ pub struct Spec {
     /// The run's result: a value template (see README).
     #[serde(default)]
     pub output: Option<Value>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+/// What one run may use.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Model tokens (input and output) the run may use; a model call that
+    /// would start beyond it fails with `budget_exceeded`.
+    #[serde(default)]
+    pub llm_tokens: Option<u64>,
 }
 
 fn one() -> u32 {

@@ -28,6 +28,8 @@ pub struct Workflow {
     pub(crate) order: Vec<usize>,
     pub(crate) output: Option<ValueTemplate>,
     pub(crate) templates: Templates,
+    /// `limits.llm_tokens`.
+    pub(crate) llm_tokens: Option<u64>,
 }
 
 impl Workflow {
@@ -42,6 +44,10 @@ impl Workflow {
     }
     pub fn concurrency(&self) -> Option<u32> {
         self.concurrency
+    }
+    /// The run's model-token budget (`limits.llm_tokens`).
+    pub fn llm_tokens(&self) -> Option<u64> {
+        self.llm_tokens
     }
     pub fn step_ids(&self) -> impl Iterator<Item = &str> {
         self.steps.iter().map(|s| s.id.as_str())

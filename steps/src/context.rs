@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -70,6 +71,46 @@ pub struct StepContext {
     next_op: u32,
     sink: Arc<dyn OpSink>,
     signals: Signals,
+    tokens: Arc<TokenMeter>,
+}
+
+/// The model tokens a run has used, against its `limits.llm_tokens`. The
+/// engine builds one per run from the journal (every journaled model call
+/// counts, replayed or not); a step checks it before a new call and adds
+/// what the call used.
+#[derive(Debug, Default)]
+pub struct TokenMeter {
+    limit: Option<u64>,
+    used: AtomicU64,
+}
+
+impl TokenMeter {
+    pub fn new(limit: Option<u64>, used: u64) -> Self {
+        Self { limit, used: AtomicU64::new(used) }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    pub fn add(&self, tokens: u64) {
+        self.used.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Fails with `budget_exceeded` once the run has used its budget.
+    pub fn check(&self) -> Result<(), StepError> {
+        match self.limit {
+            Some(limit) if self.used() >= limit => Err(StepError::fatal(
+                "budget_exceeded",
+                format!("the run has used {} model tokens, its limit (limits.llm_tokens) is {limit}", self.used()),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl StepContext {
@@ -95,7 +136,24 @@ impl StepContext {
             next_op: 0,
             sink,
             signals: Signals::default(),
+            tokens: Arc::default(),
         }
+    }
+
+    /// The run's token meter (the engine sets it; unlimited otherwise).
+    pub fn with_tokens(mut self, tokens: Arc<TokenMeter>) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    pub fn tokens(&self) -> &TokenMeter {
+        &self.tokens
+    }
+
+    /// Whether the next journaled operation will be replayed from the
+    /// journal rather than performed.
+    pub fn will_replay(&self) -> bool {
+        self.replay.front().is_some_and(|r| r.index == self.next_op)
     }
 
     /// The signals the run has received so far (the engine sets them).

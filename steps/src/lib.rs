@@ -21,11 +21,12 @@ pub mod duration;
 pub mod error;
 pub mod http;
 pub mod kinds;
+pub mod llm;
 pub mod registry;
 pub mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use context::{OpSink, RecordedOp, Signal, Signals, StepContext};
+pub use context::{OpSink, RecordedOp, Signal, Signals, StepContext, TokenMeter};
 pub use error::{ConfigIssue, StepError, StepResult, Stop};
 pub use registry::Registry;
 pub use step::{DynStep, Step};

@@ -441,6 +441,25 @@ async fn a_short_sleep_waits_in_memory_and_records_its_time_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_step_replays_only_its_own_operations() {
+    // Two sleeps in a row: the second must not take the first's journaled
+    // wake-up time as its own (each step has its own operations).
+    let dir = temp_dir("two-naps");
+    let store = store(&dir).await;
+    let clock = ManualClock::new(T0);
+    let engine = engine(store.clone(), Arc::new(clock.clone()), EngineOptions::default());
+    let def = compile(
+        &dir,
+        "naps.yaml",
+        "name: naps\nsteps:\n  - {id: one, kind: sleep, with: {duration: 1m}}\n  - {id: two, kind: sleep, needs: [one], with: {duration: 1m}}\noutput: \"{{ steps.two.output.until_ms }}\"\n",
+    );
+    let outcome = drive(&clock, engine.run(&def, json!({}))).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    assert_eq!(outcome.output, Some(json!(T0 + 120_000)));
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_a_run_ends_its_child_runs() {
     let Fixture { server, dir, store, engine } = Fixture::new("cancel-children", Arc::new(SystemClock)).await;
     let yaml = format!(

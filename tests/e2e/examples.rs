@@ -25,7 +25,10 @@ fn examples_dir() -> PathBuf {
 
 fn registry() -> Registry {
     switchyard_tests::install_crypto_provider();
-    switchyard_orchestrator::registry(Arc::new(ReqwestHttp::new().expect("http client")))
+    switchyard_orchestrator::registry(
+        Arc::new(ReqwestHttp::new().expect("http client")),
+        Arc::new(switchyard_steps::llm::NoModels),
+    )
 }
 
 /// An engine on the real clock over a SQLite file in its own temp dir.

@@ -6,6 +6,7 @@ mod engine;
 mod examples;
 mod hardening;
 mod http;
+mod llm;
 mod props;
 mod recovery;
 mod signals;

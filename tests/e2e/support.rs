@@ -9,12 +9,13 @@ use switchyard_orchestrator::compile::compile_file;
 use switchyard_orchestrator::journal::Event;
 use switchyard_orchestrator::store::{JournalEntry, SqliteOptions, SqliteStore, Store};
 use switchyard_orchestrator::{Definition, Engine, EngineOptions};
+use switchyard_steps::llm::NoModels;
 use switchyard_steps::{Clock, ManualClock, Registry};
 use switchyard_tests::{CounterServer, TempDir, temp_dir};
 
 pub fn registry() -> Registry {
     switchyard_tests::install_crypto_provider();
-    switchyard_orchestrator::registry(Arc::new(ReqwestHttp::new().expect("http client")))
+    switchyard_orchestrator::registry(Arc::new(ReqwestHttp::new().expect("http client")), Arc::new(NoModels))
 }
 
 pub async fn store(dir: &TempDir) -> Arc<dyn Store> {

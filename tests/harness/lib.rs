@@ -6,12 +6,16 @@
 //!   status, fail the first N, hold the first N), and offers waiting helpers
 //!   ([`CounterServer::wait_for_calls`], [`CounterServer::wait_for_held`],
 //!   [`CounterServer::wait_idle`]) so tests never sleep to wait.
+//! - [`ModelServer`] is a local OpenAI-compatible chat-completions server
+//!   playing scripted [`Reply`]s and recording every [`ModelRequest`].
 //! - [`TempDir`] from [`temp_dir`] is a unique scratch directory removed on drop.
 //! - [`install_crypto_provider`] must run once before building any HTTP client.
 
 mod counter;
+mod model;
 mod temp;
 
 pub use counter::{Call, CounterServer};
+pub use model::{ModelRequest, ModelServer, Reply};
 pub use switchyard_integrations::install_crypto_provider;
 pub use temp::{TempDir, temp_dir};

@@ -2,7 +2,7 @@ use super::*;
 use crate::workflow::Bundle;
 
 fn registry() -> Registry {
-    crate::registry(std::sync::Arc::new(switchyard_steps::http::Offline))
+    crate::offline_registry()
 }
 
 fn compile_files(files: &[(&str, &str)]) -> Result<Definition, CompileErrors> {

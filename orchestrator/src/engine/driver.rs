@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use minijinja::Value as MjValue;
 use serde_json::{Value, json};
-use switchyard_steps::{RecordedOp, Signal, Signals, StepContext, StepError, StepResult, Stop};
+use switchyard_steps::{RecordedOp, Signal, Signals, StepContext, StepError, StepResult, Stop, TokenMeter};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -182,6 +182,8 @@ pub(crate) struct Driver {
     cancelled_by: Arc<Mutex<Option<String>>>,
     /// Signals received (journaled), by name.
     signals: Signals,
+    /// Model tokens the run has used, against `limits.llm_tokens`.
+    tokens: Arc<TokenMeter>,
     /// Wait changes decided but not yet committed (with `pending`).
     waits: Vec<WaitChange>,
     /// A step started waiting for a signal: look for one sent before.
@@ -215,10 +217,14 @@ impl Driver {
         let RunRef { id: run_id, is_root, definition, fence, cancelled_by, nudge } = run;
         let run_id = run_id.as_str();
         let mut input = Value::Null;
-        let mut steps = vec![StepState::new(); wf.steps.len()];
+        // One state each: `vec![x; n]` would clone one `ops` Arc into all.
+        let mut steps: Vec<StepState> = (0..wf.steps.len()).map(|_| StepState::new()).collect();
         let mut failure = None;
         let mut finished = None;
         let mut signals = BTreeMap::new();
+        // Every model call journaled counts, including those of attempts
+        // that failed later: they were paid for.
+        let mut tokens_used = 0u64;
         let index = |id: &str| {
             wf.step_index(id)
                 .ok_or_else(|| DriveError::Invalid(run_id.to_owned(), format!("journal names unknown step {id:?}")))
@@ -231,11 +237,14 @@ impl Driver {
                     s.status = Status::Running;
                     s.attempt = *attempt;
                 }
-                Event::StepOp { step, index: op, name, value, .. } => steps[index(step)?]
-                    .ops
-                    .lock()
-                    .expect("ops")
-                    .push(RecordedOp { index: *op, name: name.clone(), value: value.clone() }),
+                Event::StepOp { step, index: op, name, value, .. } => {
+                    tokens_used = tokens_used.saturating_add(switchyard_steps::llm::tokens_of_op(name, value));
+                    steps[index(step)?].ops.lock().expect("ops").push(RecordedOp {
+                        index: *op,
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                }
                 Event::StepSucceeded { step, output, .. } => {
                     steps[index(step)?].complete(Status::Succeeded, Some(output.clone()))
                 }
@@ -296,6 +305,7 @@ impl Driver {
         for s in steps.iter_mut().filter(|s| s.status == Status::Waiting) {
             s.woken = s.signal.as_ref().is_none_or(|name| signals.contains_key(name));
         }
+        let tokens = Arc::new(TokenMeter::new(wf.llm_tokens(), tokens_used));
         let next_seq = entries.last().map(|e| e.seq + 1).unwrap_or(0);
         let journal = RunJournal::new(run_id.to_owned(), fence, next_seq, inner.writer.clone(), inner.clock.clone());
         Ok(Self {
@@ -317,6 +327,7 @@ impl Driver {
             finished,
             cancelled_by,
             signals: Arc::new(signals),
+            tokens,
             waits: Vec::new(),
             look_for_signals: false,
             nudge,
@@ -679,7 +690,8 @@ impl Driver {
             replay,
             Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt, recorded }),
         )
-        .with_signals(self.signals.clone());
+        .with_signals(self.signals.clone())
+        .with_tokens(self.tokens.clone());
         let work = match self.prepare(i, &ctx_value) {
             Ok(work) => work,
             Err(error) => {
