@@ -15,7 +15,7 @@ use fixedbitset::FixedBitSet;
 use crate::expr::{Refs, Templates, ValueTemplate};
 use crate::files;
 use crate::spec::{self, Spec, StepSpec};
-use crate::workflow::{Bundle, Definition, Need, RetryPolicy, Step, StepKind, Workflow};
+use crate::workflow::{Bundle, Definition, Need, RetryPolicy, Step, StepKind, ToolWorkflows, Workflow};
 
 /// Kinds the orchestrator itself provides (they steer the run).
 const CONTROL_KINDS: [&str; 3] = ["switch", "map", "workflow"];
@@ -510,6 +510,7 @@ impl Compiler<'_> {
             version: spec.version,
             description: spec.description,
             input_schema,
+            input_json: spec.input.clone(),
             concurrency: spec.concurrency,
             index: steps.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect(),
             steps,
@@ -674,10 +675,47 @@ impl Compiler<'_> {
                         if issue.path.is_empty() { with_place.clone() } else { format!("{with_place}.{}", issue.path) };
                     self.error(file, at, issue.message);
                 }
+                let mut with = with;
+                let tools = if kind == "agent" && ok {
+                    Some(Arc::new(self.agent_workflows(file, &with_place, &mut with)?))
+                } else {
+                    None
+                };
                 let with = self.value(file, &with_place, &with, scope, templates, all, me)?;
-                ok.then_some(StepKind::Action { step, with })
+                ok.then_some(StepKind::Action { step, with, tools })
             }
         }
+    }
+
+    /// Loads the workflows of an agent's workflow tools, and gives a tool
+    /// without `parameters` its workflow's `input` schema.
+    fn agent_workflows(&mut self, file: &str, with_place: &str, with: &mut Value) -> Option<ToolWorkflows> {
+        let mut workflows = ToolWorkflows::new();
+        let Some(tools) = with.get_mut("tools").and_then(Value::as_array_mut) else { return Some(workflows) };
+        let mut ok = true;
+        for (i, tool) in tools.iter_mut().enumerate() {
+            let Some(path) = tool.get("workflow").and_then(Value::as_str).map(str::to_owned) else { continue };
+            let name = tool.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let place = format!("{with_place}.tools[{i}].workflow");
+            let key = match join_key(file, &path) {
+                Ok(key) => key,
+                Err(m) => {
+                    self.error(file, place, m);
+                    ok = false;
+                    continue;
+                }
+            };
+            let Some(child) = self.file(&key, &place, file) else {
+                ok = false;
+                continue;
+            };
+            if tool.get("parameters").is_none_or(Value::is_null) {
+                let schema = child.input_json.clone().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+                tool["parameters"] = schema;
+            }
+            workflows.insert(name, child);
+        }
+        ok.then_some(workflows)
     }
 
     fn config<T: serde::de::DeserializeOwned>(&mut self, file: &str, place: &str, with: Value) -> Option<T> {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use switchyard_steps::Registry;
 use switchyard_steps::http::HttpClient;
-use switchyard_steps::kinds::{Decide, Fail, Http, Llm, Sleep, Transform, Wait};
+use switchyard_steps::kinds::{Agent, Decide, Fail, Http, Llm, Sleep, Transform, Wait};
 use switchyard_steps::llm::LanguageModel;
 
 pub use engine::{Engine, EngineOptions, RunOutcome};
@@ -36,12 +36,13 @@ pub use workflow::{Definition, Workflow};
 pub fn registry(http: Arc<dyn HttpClient>, models: Arc<dyn LanguageModel>) -> Registry {
     Registry::new()
         .with(Transform)
-        .with(Http::new(http))
+        .with(Http::new(Arc::clone(&http)))
         .with(Sleep)
         .with(Wait)
         .with(Fail)
         .with(Llm::new(Arc::clone(&models)))
-        .with(Decide::new(models))
+        .with(Decide::new(Arc::clone(&models)))
+        .with(Agent::new(models, http))
 }
 
 /// The step kinds on ports that reach nothing (no network, no model): for

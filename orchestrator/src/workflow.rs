@@ -20,6 +20,8 @@ pub struct Workflow {
     pub(crate) version: u32,
     pub(crate) description: String,
     pub(crate) input_schema: Option<Arc<jsonschema::Validator>>,
+    /// The `input` schema as written (an agent's workflow tool offers it).
+    pub(crate) input_json: Option<serde_json::Value>,
     pub(crate) concurrency: Option<u32>,
     pub(crate) steps: Vec<Step>,
     /// Step ids to indexes.
@@ -100,11 +102,30 @@ pub(crate) struct Need {
     pub path: Option<String>,
 }
 
+/// The child workflows of an agent's workflow tools, by tool name.
+pub(crate) type ToolWorkflows = std::collections::BTreeMap<String, Arc<Workflow>>;
+
 pub(crate) enum StepKind {
-    Action { step: Arc<dyn DynStep>, with: ValueTemplate },
-    Switch { cases: Vec<(Expr, String)>, default: Option<String> },
-    Map { items: ValueTemplate, concurrency: usize, input: Option<ValueTemplate>, child: Arc<Workflow> },
-    Call { child: Arc<Workflow>, input: ValueTemplate },
+    /// `tools`: the workflows an `agent` may run, by tool name.
+    Action {
+        step: Arc<dyn DynStep>,
+        with: ValueTemplate,
+        tools: Option<Arc<ToolWorkflows>>,
+    },
+    Switch {
+        cases: Vec<(Expr, String)>,
+        default: Option<String>,
+    },
+    Map {
+        items: ValueTemplate,
+        concurrency: usize,
+        input: Option<ValueTemplate>,
+        child: Arc<Workflow>,
+    },
+    Call {
+        child: Arc<Workflow>,
+        input: ValueTemplate,
+    },
 }
 
 impl StepKind {

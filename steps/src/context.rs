@@ -72,6 +72,18 @@ pub struct StepContext {
     sink: Arc<dyn OpSink>,
     signals: Signals,
     tokens: Arc<TokenMeter>,
+    workflows: Option<Arc<dyn Workflows>>,
+}
+
+/// Child workflows a step may run (the workflow tools of an `agent`); the
+/// engine implements it with child runs whose ids are deterministic, so a
+/// step called again after a crash continues the same child.
+#[async_trait]
+pub trait Workflows: Send + Sync {
+    /// Runs (or continues) workflow `name` as child run `{run}/{key}` with
+    /// `input`, and returns its output. A child that waits (a sleep, a
+    /// signal) returns `Stop::Wait`; a child that fails, its error.
+    async fn run(&self, name: &str, key: &str, input: Value, cancel: CancellationToken) -> StepResult<Value>;
 }
 
 /// The model tokens a run has used, against its `limits.llm_tokens`. The
@@ -137,7 +149,19 @@ impl StepContext {
             sink,
             signals: Signals::default(),
             tokens: Arc::default(),
+            workflows: None,
         }
+    }
+
+    /// The child workflows this step may run (the engine sets them for an
+    /// `agent` with workflow tools).
+    pub fn with_workflows(mut self, workflows: Arc<dyn Workflows>) -> Self {
+        self.workflows = Some(workflows);
+        self
+    }
+
+    pub fn workflows(&self) -> Option<&Arc<dyn Workflows>> {
+        self.workflows.as_ref()
     }
 
     /// The run's token meter (the engine sets it; unlimited otherwise).

@@ -26,7 +26,7 @@ pub mod registry;
 pub mod step;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use context::{OpSink, RecordedOp, Signal, Signals, StepContext, TokenMeter};
+pub use context::{OpSink, RecordedOp, Signal, Signals, StepContext, TokenMeter, Workflows};
 pub use error::{ConfigIssue, StepError, StepResult, Stop};
 pub use registry::Registry;
 pub use step::{DynStep, Step};

@@ -1,6 +1,7 @@
 //! End-to-end tests: the engine against real SQLite files and real local
 //! HTTP servers, and the `switchyard` binary as a real process.
 
+mod agent;
 mod cli;
 mod engine;
 mod examples;

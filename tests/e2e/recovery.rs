@@ -781,3 +781,63 @@ output: "{{{{ steps.each.output }}}}"
     }
     assert_some_repeats(repeated);
 }
+
+// 5. An agent killed in the middle of its loop.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_repeats_no_completed_model_or_tool_call() {
+    use switchyard_tests::{ModelServer, Reply};
+    let server = CounterServer::start().await;
+    let model = ModelServer::start().await;
+    let dir = temp_dir("agent-kill");
+    let db = dir.join("switchyard.db");
+    let yaml = format!(
+        r#"
+name: oncall
+steps:
+  - id: agent
+    kind: agent
+    with:
+      prompt: Look around.
+      tools:
+        - {{name: alerts, description: Alerts., http: {{url: "{a}"}}}}
+        - {{name: deploys, description: Deploys., http: {{url: "{b}"}}}}
+output: "{{{{ steps.agent.output.text }}}}"
+"#,
+        a = server.url("/hit/a"),
+        b = server.url("/hit/b?hold_first=1"),
+    );
+    let file = write_file(&dir, "agent.yaml", &yaml);
+    model.script_all([
+        Reply::tool_calls(vec![("alerts", json!({}))]),
+        Reply::tool_calls(vec![("deploys", json!({}))]),
+        Reply::text("done"),
+    ]);
+    let run_cmd = |lease: Option<&str>| {
+        let mut cmd = switchyard(&db);
+        cmd.env("OPENAI_BASE_URL", model.base_url()).env("OPENAI_API_KEY", "sk-test");
+        if let Some(lease) = lease {
+            cmd.env("SWITCHYARD_LEASE", lease);
+        }
+        cmd.arg("run").arg(&file).args(["--idempotency-key", "A1"]);
+        cmd
+    };
+    let mut first = Proc::spawn("agent run", &mut run_cmd(Some(SHORT_LEASE)));
+    let run_id = first.run_id().await;
+    tokio::time::timeout(LIMIT, server.wait_for_held("b")).await.expect("the second tool is called and held");
+    first.kill().await;
+    assert_eq!((model.count(), server.count("a")), (2, 1));
+
+    let mut again = Proc::spawn("agent rerun", &mut run_cmd(None));
+    let (status, stdout, stderr) = again.finish().await;
+    assert!(status.success(), "{stderr:?}");
+    assert_eq!(stdout.trim(), "\"done\"", "{stderr:?}");
+    // Both answered model calls and the finished tool call were replayed;
+    // only the call in flight at the kill ran again (with the same key).
+    assert_eq!(model.count(), 3, "no answered model call is sent again");
+    assert_eq!((server.count("a"), server.count("b")), (1, 2));
+    let keys: Vec<Option<String>> = server.calls_to("b").into_iter().map(|c| c.idempotency_key).collect();
+    assert_eq!(keys, [Some(format!("{run_id}/agent/tool/1")), Some(format!("{run_id}/agent/tool/1"))]);
+    model.stop().await;
+    server.stop().await;
+}

@@ -141,6 +141,31 @@ pub(crate) async fn run_child(
     }
 }
 
+/// The workflow tools of an `agent` step: each call is a child run whose
+/// id is the call's key (`{run}/{step}/tool/{n}`), so a step called again
+/// after a crash finds it and continues it instead of starting another.
+pub(crate) struct ToolRuns {
+    pub inner: Arc<Inner>,
+    pub parent: Parent,
+    pub tools: Arc<crate::workflow::ToolWorkflows>,
+}
+
+#[async_trait::async_trait]
+impl switchyard_steps::Workflows for ToolRuns {
+    async fn run(&self, name: &str, key: &str, input: Value, cancel: CancellationToken) -> StepResult<Value> {
+        let Some(wf) = self.tools.get(name) else {
+            return Err(StepError::fatal("engine", format!("no workflow for tool {name:?}")).into());
+        };
+        if !key.starts_with(&format!("{}/", self.parent.run)) {
+            return Err(StepError::fatal("engine", format!("tool run {key:?} is not under its run")).into());
+        }
+        match drive_child(&self.inner, &self.parent, key.to_owned(), wf, || Ok(input), cancel).await? {
+            ChildEnd::Done(output) => Ok(output),
+            ChildEnd::Parked(until_ms) => Err(Stop::Wait { signal: None, until_ms }),
+        }
+    }
+}
+
 /// The map stops early (a child failed, or the run is cancelled): when
 /// cancelled, the other children end `cancelled` on their own and are
 /// waited for, so none is left half-written; otherwise they are stopped

@@ -738,9 +738,11 @@ impl Driver {
         let render_err = |e: expr::EvalError| StepError::fatal("expression", e.0);
         let wf = &self.wf;
         Ok(match &wf.steps[i].kind {
-            StepKind::Action { step, with } => {
-                Work::Action { step: step.clone(), with: wf.templates.render(with, ctx).map_err(render_err)? }
-            }
+            StepKind::Action { step, with, tools } => Work::Action {
+                step: step.clone(),
+                with: wf.templates.render(with, ctx).map_err(render_err)?,
+                tools: tools.clone().map(|tools| (tools, self.child_parent())),
+            },
             StepKind::Call { child, input } => Work::Call {
                 child: child.clone(),
                 input: wf.templates.render(input, ctx).map_err(render_err)?,
@@ -1055,9 +1057,23 @@ pub(crate) const MAX_MAP_ITEMS: usize = 100_000;
 
 /// What a started attempt does, prepared (rendered) by the driver.
 enum Work {
-    Action { step: Arc<dyn switchyard_steps::DynStep>, with: Value },
-    Call { child: Arc<Workflow>, input: Value, parent: child::Parent },
-    Map { child: Arc<Workflow>, items: Vec<Value>, inputs: Arc<ItemInputs>, concurrency: usize, parent: child::Parent },
+    Action {
+        step: Arc<dyn switchyard_steps::DynStep>,
+        with: Value,
+        tools: Option<(Arc<crate::workflow::ToolWorkflows>, child::Parent)>,
+    },
+    Call {
+        child: Arc<Workflow>,
+        input: Value,
+        parent: child::Parent,
+    },
+    Map {
+        child: Arc<Workflow>,
+        items: Vec<Value>,
+        inputs: Arc<ItemInputs>,
+        concurrency: usize,
+        parent: child::Parent,
+    },
 }
 
 /// Renders the input of a map's child from its item, with the context the
@@ -1087,7 +1103,10 @@ impl ItemInputs {
 impl Work {
     async fn run(self, inner: Arc<Inner>, mut ctx: StepContext) -> StepResult {
         match self {
-            Work::Action { step, with } => {
+            Work::Action { step, with, tools } => {
+                if let Some((tools, parent)) = tools {
+                    ctx = ctx.with_workflows(Arc::new(child::ToolRuns { inner: inner.clone(), parent, tools }));
+                }
                 let cancel = ctx.cancel_token();
                 tokio::select! {
                     r = step.run(with, &mut ctx) => r,

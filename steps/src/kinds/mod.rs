@@ -1,6 +1,7 @@
 //! Built-in step kinds that do work. Each is one small type implementing
 //! [`crate::Step`].
 
+mod agent;
 mod decide;
 mod fail;
 mod http;
@@ -10,6 +11,7 @@ mod sleep;
 mod transform;
 mod wait;
 
+pub use agent::Agent;
 pub use decide::Decide;
 pub use fail::Fail;
 pub use http::Http;
