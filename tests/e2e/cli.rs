@@ -615,3 +615,81 @@ async fn ten_thousand_children_waiting_for_signals_park_and_complete() {
     assert!(line["peak_rss_mb"].as_f64().unwrap() < 100.0, "{line}");
     assert!(line["rss_bytes_per_parked_child"].as_f64().unwrap() <= 4096.0, "{line}");
 }
+
+/// The API key never leaves the provider: not in the database files, the
+/// debug log, the CLI's output or `runs show`, even when a server echoes it
+/// back in an error.
+#[tokio::test]
+async fn the_api_key_appears_in_no_file_log_or_output() {
+    use switchyard_tests::{ModelServer, Reply};
+    const KEY: &str = "sk-canary-c0ffee5ecret";
+    let model = ModelServer::start().await;
+    let dir = temp_dir("canary");
+    let db = dir.join("switchyard.db");
+    let file = dir.join("triage.yaml");
+    std::fs::write(
+        &file,
+        r#"
+name: canary
+steps:
+  - id: triage
+    kind: decide
+    with:
+      prompt: "{{ input.text }}"
+      choices: {bug: Broken., other: Else.}
+  - id: summary
+    kind: llm
+    needs: [triage.bug]
+    with: {prompt: "Summarise {{ input.text }}"}
+output: "{{ steps.summary.output.text }}"
+"#,
+    )
+    .unwrap();
+    model.script_all([
+        Reply::json(json!({"choice": "bug", "rationale": "r", "confidence": 0.9})),
+        Reply::text("a summary"),
+        // The second run: the server echoes the key in its error.
+        Reply::status(401, json!({"error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}})),
+    ]);
+    let mut outputs = Vec::new();
+    let mut command = |args: &[&str]| {
+        let mut cmd = switchyard(&db);
+        cmd.env("OPENAI_BASE_URL", model.base_url()).env("OPENAI_API_KEY", KEY).env("SWITCHYARD_LOG", "debug");
+        cmd.args(args);
+        cmd
+    };
+    let input = r#"{"text": "it crashes"}"#;
+    let ok = command(&["run", file.to_str().unwrap(), "--input", input]).output().await.unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let failed = command(&["run", file.to_str().unwrap(), "--input", input]).output().await.unwrap();
+    assert!(!failed.status.success());
+    let failed_text = String::from_utf8_lossy(&failed.stderr).into_owned();
+    assert!(failed_text.contains("HTTP 401") && failed_text.contains("[redacted]"), "{failed_text}");
+    outputs.extend([ok, failed]);
+    let store = store(&dir).await;
+    let runs = store.runs(None, true, 10).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    for run in &runs {
+        for args in [vec!["runs", "show", &run.id], vec!["runs", "show", &run.id, "--json", "--journal"]] {
+            outputs.push(command(&args).output().await.unwrap());
+        }
+    }
+    outputs.push(command(&["runs", "list", "--json"]).output().await.unwrap());
+    // The key did reach the server, so the checks below can fail.
+    assert!(model.requests().iter().all(|r| r.authorization.as_deref() == Some(&format!("Bearer {KEY}"))));
+    for out in &outputs {
+        for text in [&out.stdout, &out.stderr] {
+            let text = String::from_utf8_lossy(text);
+            assert!(!text.contains(KEY), "the key is in the output:\n{text}");
+        }
+    }
+    let debug_lines: usize = outputs.iter().map(|o| String::from_utf8_lossy(&o.stderr).matches("DEBUG").count()).sum();
+    assert!(debug_lines > 0, "the log ran at debug level");
+    drop(store);
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "the key is in {}", path.display());
+    }
+    model.stop().await;
+}

@@ -14,7 +14,7 @@ use switchyard_orchestrator::journal::{Event, RunStatus};
 use switchyard_orchestrator::store::{SqliteOptions, SqliteStore};
 use switchyard_orchestrator::{Engine, EngineOptions, RunOutcome};
 use switchyard_steps::{Registry, SystemClock};
-use switchyard_tests::{CounterServer, TempDir};
+use switchyard_tests::{CounterServer, ModelServer, Reply, TempDir};
 
 /// Far above what any example takes (the slowest sleeps 1s).
 const RUN_LIMIT: Duration = Duration::from_secs(30);
@@ -40,11 +40,19 @@ struct Examples {
 
 impl Examples {
     async fn start() -> Self {
+        Self::on(registry()).await
+    }
+
+    /// With the model provider `default` on a local model server.
+    async fn with_model(model: &ModelServer) -> Self {
+        Self::on(crate::llm::model_registry(model, Default::default())).await
+    }
+
+    async fn on(registry: Registry) -> Self {
         let dir = switchyard_tests::temp_dir("examples");
         let url = dir.join("db.sqlite").display().to_string();
         let store =
             Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full: false }).await.expect("open store"));
-        let registry = registry();
         let engine = Engine::start(store, registry.clone(), Arc::new(SystemClock), EngineOptions::default());
         Self { engine, registry, _dir: dir }
     }
@@ -378,4 +386,103 @@ async fn reminder_waits_its_cooldown_then_reminds() {
         "the sleep is journaled: {journal:?}"
     );
     examples.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_triage_files_a_bug_and_sends_unsure_tickets_to_people() {
+    let server = CounterServer::start().await;
+    let model = ModelServer::start().await;
+    let examples = Examples::with_model(&model).await;
+    let input = |subject: &str| json!({"subject": subject, "body": "details", "base_url": server.url("")});
+    model.script(Reply::json(json!({"choice": "bug", "rationale": "The app crashes.", "confidence": 0.95})));
+    let outcome = examples.succeed("ticket-triage.yaml", input("App crashes at login")).await;
+    assert_eq!(
+        outcome.output,
+        Some(json!({"queue": "bug", "confidence": 0.95, "rationale": "The app crashes.", "fallback": null}))
+    );
+    assert_eq!((server.count("bugs"), server.count("refunds"), server.count("queue")), (1, 0, 0));
+    assert_eq!(server.calls_to("bugs")[0].body["title"], "App crashes at login");
+    let sent = &model.requests()[0];
+    // The two examples go first, as turns, then the ticket.
+    assert_eq!(sent.messages().len(), 6);
+    assert!(sent.last_user_message().unwrap().starts_with("Subject: App crashes at login"));
+
+    // Unsure: below 0.7 it goes to the human queue, saying why.
+    model.script(Reply::json(json!({"choice": "refund", "rationale": "Maybe.", "confidence": 0.4})));
+    let outcome = examples.succeed("ticket-triage.yaml", input("Hmm")).await;
+    assert_eq!(outcome.output.unwrap()["fallback"], "low_confidence");
+    assert_eq!((server.count("refunds"), server.count("queue")), (0, 1));
+    assert_eq!(server.calls_to("queue")[0].body["why"], "low_confidence");
+    examples.stop().await;
+    model.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_summary_returns_a_validated_summary() {
+    let model = ModelServer::start().await;
+    let examples = Examples::with_model(&model).await;
+    let summary = json!({
+        "title": "Checkout database connections exhausted",
+        "severity": "high",
+        "probable_cause": "A connection leak after the 14:02 deploy.",
+        "next_steps": ["Roll back the 14:02 deploy", "Raise the pool limit"],
+    });
+    // The first answer misses a field: it is re-asked with the error.
+    model.script_all([Reply::json(json!({"title": "x", "severity": "high"})), Reply::json(summary.clone())]);
+    let input = json!({"service": "checkout", "log": ["14:03 pool exhausted", "14:04 timeouts"]});
+    let outcome = examples.succeed("incident-summary.yaml", input).await;
+    assert_eq!(outcome.output, Some(summary));
+    let requests = model.requests();
+    assert!(requests[0].last_user_message().unwrap().contains("14:03 pool exhausted\n14:04 timeouts"));
+    assert!(requests[1].last_user_message().unwrap().contains("probable_cause"));
+    examples.stop().await;
+    model.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oncall_agent_reads_alerts_and_deploys_then_pages_through_its_workflow_tool() {
+    let server = CounterServer::start().await;
+    let model = ModelServer::start().await;
+    let examples = Examples::with_model(&model).await;
+    model.script_all([
+        Reply::tool_calls(vec![
+            ("get_alerts", json!({"service": "checkout"})),
+            ("get_deploys", json!({"service": "checkout"})),
+        ]),
+        Reply::tool_calls(vec![(
+            "page_owner",
+            json!({"service": "checkout", "message": "5xx since the 14:02 deploy"}),
+        )]),
+        Reply::json(json!({"summary": "5xx since the 14:02 deploy; paged the owners.", "paged": true})),
+    ]);
+    let input = json!({"service": "checkout", "base_url": server.url("")});
+    let outcome = examples.succeed("oncall-agent.yaml", input).await;
+    assert_eq!(
+        outcome.output,
+        Some(json!({"summary": "5xx since the 14:02 deploy; paged the owners.", "paged": true}))
+    );
+    assert_eq!((server.count("alerts"), server.count("deploys"), server.count("page")), (1, 1, 1));
+    assert_eq!(server.calls_to("page")[0].body, json!({"service": "checkout", "text": "5xx since the 14:02 deploy"}));
+    // The model sees the page workflow's input schema without the bound base_url.
+    let tools = &model.requests()[0].body["tools"];
+    let page = tools.as_array().unwrap().iter().find(|t| t["function"]["name"] == "page_owner").unwrap();
+    assert_eq!(page["function"]["parameters"]["required"], json!(["service", "message"]));
+    assert!(page["function"]["parameters"]["properties"].get("base_url").is_none());
+    let child = examples.engine.store().run(&format!("{}/investigate/tool/2", outcome.id)).await.unwrap();
+    assert_eq!(child.expect("the page child run").output, Some(json!({"paged": true, "status": 200})));
+    examples.stop().await;
+    model.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oncall_page_runs_on_its_own() {
+    let server = CounterServer::start().await;
+    let examples = Examples::start().await;
+    let input = json!({"service": "checkout", "message": "hello", "base_url": server.url("")});
+    let outcome = examples.succeed("oncall-page.yaml", input).await;
+    assert_eq!(outcome.output, Some(json!({"paged": true, "status": 200})));
+    examples.stop().await;
+    server.stop().await;
 }

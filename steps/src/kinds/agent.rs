@@ -77,6 +77,11 @@ pub struct ToolConfig {
     /// A workflow file, relative to this one (the engine runs it).
     #[serde(default)]
     pub workflow: Option<String>,
+    /// Arguments fixed by the workflow's author (a URL, a team): merged
+    /// over the model's, and left out of the schema the model is shown,
+    /// so the model neither sees nor overrides them.
+    #[serde(default)]
+    pub bind: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,7 +185,7 @@ impl Step for Agent {
         let mut tools = BTreeMap::new();
         let mut specs = Vec::new();
         for tool in &config.tools {
-            let parameters = tool.parameters.clone().unwrap_or_else(|| json!({"type": "object"}));
+            let parameters = unbound(tool.parameters.clone().unwrap_or_else(|| json!({"type": "object"})), &tool.bind);
             let validator = jsonschema::validator_for(&parameters)
                 .map_err(|e| fatal(format!("with.tools: {}: invalid JSON Schema: {e}", tool.name)))?;
             specs.push(ToolSpec { name: tool.name.clone(), description: tool.description.clone(), parameters });
@@ -324,6 +329,14 @@ impl Agent {
                 if let Some(errors) = model::schema_errors(&validator, &args) {
                     return Ok(Err(format!("invalid arguments: {errors}")));
                 }
+                let args = match args {
+                    Value::Object(mut map) => {
+                        map.extend(tool.bind.clone());
+                        Value::Object(map)
+                    }
+                    other if tool.bind.is_empty() => other,
+                    _ => return Ok(Err("the arguments must be an object".to_owned())),
+                };
                 match (&tool.http, &tool.workflow) {
                     (Some(h), _) => Ok(http_tool(&*http, h, args, &key).await),
                     (None, Some(_)) => {
@@ -365,6 +378,20 @@ impl Agent {
         }
         Ok(outcomes)
     }
+}
+
+/// `schema` without the properties that `bind` fixes.
+fn unbound(mut schema: Value, bind: &Map<String, Value>) -> Value {
+    if bind.is_empty() {
+        return schema;
+    }
+    if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        properties.retain(|k, _| !bind.contains_key(k));
+    }
+    if let Some(required) = schema.get_mut("required").and_then(Value::as_array_mut) {
+        required.retain(|k| k.as_str().is_none_or(|k| !bind.contains_key(k)));
+    }
+    schema
 }
 
 /// The journaled operation name of a tool call.
