@@ -652,7 +652,7 @@ output: "{{ steps.summary.output.text }}"
         Reply::status(401, json!({"error": {"message": format!("Incorrect API key provided: {KEY}"), "type": "invalid_request_error"}})),
     ]);
     let mut outputs = Vec::new();
-    let mut command = |args: &[&str]| {
+    let command = |args: &[&str]| {
         let mut cmd = switchyard(&db);
         cmd.env("OPENAI_BASE_URL", model.base_url()).env("OPENAI_API_KEY", KEY).env("SWITCHYARD_LOG", "debug");
         cmd.args(args);
