@@ -199,6 +199,11 @@ async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) 
                     Err(e) => emit(json!({"workload": "signals", "metric": "memory", "n": n, "error": e.to_string()})),
                 }
             }
+            "llm-router" => {
+                for line in llm_router(&engine).await {
+                    emit(line);
+                }
+            }
             other => bail!("unknown workload {other:?}"),
         }
     }
@@ -314,6 +319,168 @@ async fn parked(engine: &Engine, kind: &str, n: usize) -> Result<f64> {
         bail!("not every child parked");
     }
     Ok((rss_bytes()? - before) / n as f64)
+}
+
+/// A chat-completions server on 127.0.0.1 that answers at once (a
+/// decision: `refund` if the ticket says so, else `bug`), and two `http`
+/// targets; it adds up the time its handlers take.
+struct ZeroLatency {
+    addr: std::net::SocketAddr,
+    handler_ns: Arc<std::sync::atomic::AtomicU64>,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl ZeroLatency {
+    async fn start() -> Result<Self> {
+        use axum::routing::{any, post};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let handler_ns = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (ns, count) = (handler_ns.clone(), requests.clone());
+        let chat = move |body: axum::body::Bytes| {
+            let (ns, count) = (ns.clone(), count.clone());
+            async move {
+                let t = Instant::now();
+                let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let text = request["messages"].as_array().and_then(|m| m.last()).map(|m| m["content"].to_string());
+                let choice = if text.unwrap_or_default().contains("refund") { "refund" } else { "bug" };
+                let content = json!({"choice": choice, "rationale": "benchmark", "confidence": 0.9}).to_string();
+                let reply = json!({
+                    "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": request["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60},
+                });
+                let out = axum::Json(reply);
+                count.fetch_add(1, Ordering::Relaxed);
+                ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                out
+            }
+        };
+        let app = axum::Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/hit/{name}", any(|| async { axum::Json(json!({"ok": true})) }));
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self { addr, handler_ns, requests, stop })
+    }
+
+    /// Handler time so far, in ms, and requests so far.
+    fn spent(&self) -> (f64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.handler_ns.load(Ordering::Relaxed) as f64 / 1e6, self.requests.load(Ordering::Relaxed))
+    }
+}
+
+fn router_yaml(addr: std::net::SocketAddr) -> String {
+    format!(
+        r#"name: llm_router
+steps:
+  - id: triage
+    kind: decide
+    with:
+      prompt: "{{{{ input.text }}}}"
+      choices: {{refund: Money back., bug: Broken.}}
+  - id: refund
+    kind: http
+    needs: [triage.refund]
+    with: {{method: POST, url: "http://{addr}/hit/refund", json: {{t: "{{{{ input.text }}}}"}}}}
+  - id: bug
+    kind: http
+    needs: [triage.bug]
+    with: {{method: POST, url: "http://{addr}/hit/bug", json: {{t: "{{{{ input.text }}}}"}}}}
+output: "{{{{ steps.triage.output.choice }}}}"
+"#
+    )
+}
+
+/// `llm-router`: 30 runs one after another (latency, and the model server's
+/// own time per run), then 2,000 runs at once (decide steps per second),
+/// with the provider `default` on a zero-latency local server and no
+/// provider limit. The overhead per LLM step is the p50 run latency minus
+/// the p50 latency of the same workflow with a `switch` in place of the
+/// `decide` (same paths, same `http` step, same commits) minus the model
+/// server's own time per call: what the model step adds besides the model.
+async fn llm_router(base: &Engine) -> Vec<Value> {
+    match llm_router_inner(base).await {
+        Ok(lines) => lines,
+        Err(e) => vec![json!({"workload": "llm-router", "metric": "latency", "n": 30, "error": e.to_string()})],
+    }
+}
+
+async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
+    use switchyard_integrations::llm::{ApiKey, Limits, ProviderConfig, Providers};
+    let server = ZeroLatency::start().await?;
+    let http = switchyard_integrations::http::ReqwestHttp::new().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let provider = ProviderConfig {
+        name: "default".into(),
+        base_url: format!("http://{}/v1", server.addr),
+        api_key: ApiKey::new("sk-bench").map_err(anyhow::Error::msg)?,
+        default_model: "bench".into(),
+        limits: Limits::default(),
+    };
+    let models = Providers::new(http.client(), vec![provider]);
+    let registry = crate::registry(Arc::new(http), Arc::new(models));
+    let options = EngineOptions { max_concurrent_runs: 4096, ..Default::default() };
+    let engine = Engine::start(base.store().clone(), registry, Arc::new(SystemClock), options);
+    let def = compile_text("llm-router.yaml", router_yaml(server.addr), &engine)?;
+    let switch = router_yaml(server.addr).replacen(
+        "kind: decide\n    with:\n      prompt: \"{{ input.text }}\"\n      choices: {refund: Money back., bug: Broken.}",
+        "kind: switch\n    with:\n      cases: [{when: \"'refund' in input.text\", path: refund}]\n      default: bug",
+        1,
+    );
+    let switch = switch.replace("steps.triage.output.choice", "steps.triage.output.path");
+    let plain = compile_text("switch-router.yaml", switch, &engine)?;
+    let input = json!({"text": "please refund me"});
+    let expect = json!("refund");
+
+    let baseline = latency(&engine, &plain, &input, &expect, 30).await?;
+    let (before_ms, before_n) = server.spent();
+    let samples = latency(&engine, &def, &input, &expect, 30).await?;
+    let (after_ms, after_n) = server.spent();
+    // Warm-up calls are counted in both: per call it is the same.
+    let server_ms = (after_ms - before_ms) / (after_n - before_n).max(1) as f64;
+    let p50 = percentile(&samples, 50.0);
+    let overhead = p50 - percentile(&baseline, 50.0) - server_ms;
+    let mut lines = vec![json!({
+        "workload": "llm-router", "metric": "latency", "n": 30,
+        "p50_ms": round(p50), "p95_ms": round(percentile(&samples, 95.0)),
+        "switch_p50_ms": round(percentile(&baseline, 50.0)),
+        "model_server_ms_per_call": round3(server_ms),
+        "overhead_per_llm_step_ms": round3(overhead),
+    })];
+
+    let n = 2_000;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (engine, def) = (engine.clone(), def.clone());
+        let (text, expect) = if i % 2 == 0 { ("refund me", "refund") } else { ("it crashes", "bug") };
+        tasks.spawn(async move { one(&engine, &def, json!({"text": text}), &json!(expect)).await });
+    }
+    let mut failed = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.context("run task").and_then(|r| r) {
+            failed.get_or_insert(e.to_string());
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    lines.push(match failed {
+        None => json!({"workload": "llm-router", "metric": "throughput", "n": n, "wall_s": round3(wall),
+            "runs_per_s": round(n as f64 / wall), "decide_steps_per_s": round(n as f64 / wall)}),
+        Some(e) => json!({"workload": "llm-router", "metric": "throughput", "n": n, "error": e}),
+    });
+    engine.shutdown().await;
+    let _ = server.stop.send(());
+    Ok(lines)
 }
 
 #[cfg(test)]

@@ -108,6 +108,10 @@ enum Workload {
     /// A map of 10,000 children waiting for signals: memory, then signal
     /// them all; not part of `all`.
     Signals,
+    /// A `decide` against a zero-latency local model server, then one of
+    /// two `http` steps: Switchyard's overhead per LLM step, and decide
+    /// steps per second; not part of `all`.
+    LlmRouter,
 }
 
 fn parse_status(s: &str) -> Result<RunStatus, String> {
@@ -461,6 +465,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 Workload::Fanout100 => &["fanout100"],
                 Workload::Parked => &["parked"],
                 Workload::Signals => &["signals"],
+                Workload::LlmRouter => &["llm-router"],
             };
             crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full).await?;
             Ok(ExitCode::SUCCESS)

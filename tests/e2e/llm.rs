@@ -395,3 +395,57 @@ steps:
     assert_eq!(s.server.count(), 2);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_slow_server_times_out_and_the_step_gives_up_after_five_calls() {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let s = Setup::new("llm-slow", clock.clone(), Limits::default()).await;
+    s.server.always(Reply::text("late").delay(Duration::from_secs(30)));
+    let def = s.compile("name: one\nsteps:\n  - id: ask\n    kind: llm\n    with: {prompt: hi, timeout: 100ms}\n");
+    let outcome = drive(&clock, s.engine.run(&def, json!({}))).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    let error = outcome.error.unwrap();
+    assert_eq!(error.code, "llm_unavailable");
+    assert!(
+        error.message.contains("no answer within") && error.message.contains("after 5 attempts"),
+        "{}",
+        error.message
+    );
+    assert_eq!(s.server.count(), 5);
+    // The waits between calls were durable: 1, 2, 4 and 8 s on the injected clock.
+    let sleeps: Vec<i64> = events(&s.store, &outcome.id)
+        .await
+        .iter()
+        .filter_map(|e| match e {
+            Event::StepOp { name, value, .. } if name == "sleep_until" => value.as_i64(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sleeps.len(), 4);
+    let gaps: Vec<i64> = sleeps.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.iter().zip([2_000, 4_000, 8_000]).all(|(g, want)| *g >= want), "{gaps:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lenient_decoding_accepts_what_compatible_servers_send() {
+    let s = Setup::new("llm-lenient", Arc::new(SystemClock), Limits::default()).await;
+    // No `object`, an unknown finish reason and service tier, text parts, no usage.
+    s.server.script(Reply::raw(json!({
+        "id": "x", "model": "local", "service_tier": "flex-ultra",
+        "choices": [{"index": 0, "finish_reason": "eos", "message": {"role": "assistant",
+            "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}}],
+    })));
+    let def = s.compile(
+        "name: one\nsteps:\n  - id: ask\n    kind: llm\n    with: {prompt: hi}\noutput: \"{{ steps.ask.output }}\"\n",
+    );
+    let outcome = s.engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
+    let output = outcome.output.unwrap();
+    assert_eq!(
+        (output["text"].clone(), output["finish_reason"].clone(), output["model"].clone()),
+        (json!("hello"), json!("eos"), json!("local"))
+    );
+    assert!(output["usage"]["input_tokens"].as_u64().unwrap() > 0, "estimated: {output}");
+    s.stop().await;
+}

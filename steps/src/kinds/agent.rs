@@ -110,6 +110,8 @@ fn default_tool_timeout() -> Duration {
 
 const MAX_TURNS: u32 = 100;
 const MAX_TOOLS: usize = 64;
+/// Most tool calls run in one turn; the model is told the rest were not.
+const MAX_CALLS_PER_TURN: usize = 16;
 /// Longest tool result handed back to the model.
 const MAX_RESULT: usize = 64 * 1024;
 
@@ -314,11 +316,15 @@ impl Agent {
         let pending = asked[start..].iter().enumerate().map(|(k, call)| {
             let n = first + (start + k) as u32;
             let key = format!("{base_key}/tool/{n}");
+            let too_many = start + k >= MAX_CALLS_PER_TURN;
             let tool = tools.get(&call.name).cloned();
             let known: Vec<&str> = tools.keys().map(String::as_str).collect();
             let unknown = format!("unknown tool {:?}; the tools are: {}", call.name, known.join(", "));
             let (http, workflows, cancel) = (Arc::clone(&self.http), workflows.clone(), cancel.clone());
             async move {
+                if too_many {
+                    return Ok(Err(format!("not run: at most {MAX_CALLS_PER_TURN} tool calls are run in one turn")));
+                }
                 let Some((tool, validator)) = tool else {
                     return Ok(Err(unknown));
                 };
