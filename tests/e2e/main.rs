@@ -9,5 +9,6 @@ mod http;
 mod llm;
 mod props;
 mod recovery;
+mod rerun;
 mod signals;
 mod support;
