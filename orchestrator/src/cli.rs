@@ -13,7 +13,7 @@ use serde_json::Value;
 use switchyard_steps::{Registry, SystemClock};
 
 use crate::engine::{Cancelled, CommitError, Engine, EngineOptions, Error as EngineError, RunOutcome, Submitted};
-use crate::journal::RunStatus;
+use crate::journal::{Event, RunStatus};
 use crate::report::{printable, printable_lines};
 use crate::store::{self, Signalled, SqliteOptions, SqliteStore, Store};
 use crate::{compile, files, report};
@@ -191,6 +191,17 @@ enum RunsCommand {
     },
     /// Continue a failed (or abandoned) run; completed steps are not repeated.
     Resume { run: String },
+    /// Start a new run with a finished run's input, running STEP and every
+    /// step after it again; unchanged steps before it are reused, not run.
+    Rerun {
+        run: String,
+        /// The first step to run again.
+        #[arg(long = "from", value_name = "STEP")]
+        from: String,
+        /// An edited workflow file to run instead of the one RUN ran.
+        #[arg(long, value_name = "WORKFLOW")]
+        file: Option<PathBuf>,
+    },
     /// Cancel a run.
     Cancel { run: String },
 }
@@ -621,6 +632,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             errln!("run {} resumed", printable(run));
             wait_and_report(&engine, run).await
         }
+        RunsCommand::Rerun { run, from, file } => rerun(cli, store, run, from, file.as_deref()).await,
         RunsCommand::Cancel { run } => {
             let engine = engine(cli, store, registry()?, false);
             let result = match engine.cancel_as(run, Some(&actor())).await {
@@ -648,6 +660,58 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `runs rerun`: says which steps are reused, then waits and reports like `run`.
+async fn rerun(cli: &Cli, store: Arc<dyn Store>, run: &str, from: &str, file: Option<&Path>) -> Result<ExitCode> {
+    let registry = registry()?;
+    let def = match file {
+        None => None,
+        Some(file) => match compile::compile_file(file, &registry) {
+            Ok(def) => Some(def),
+            Err(errors) => {
+                for e in &errors.0 {
+                    errln!("{}", printable_lines(&located(file, e)));
+                }
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+        },
+    };
+    let engine = engine(cli, store, registry, false);
+    let id = match engine.rerun(run, from, def.as_ref()).await {
+        Ok(id) => id,
+        Err(e @ (EngineError::NotFound(_) | EngineError::Conflict(_))) => {
+            errln!("error: {}", printable_lines(&e.to_string()));
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(EngineError::InvalidInput(errors)) => {
+            for e in errors {
+                errln!("error: {}", printable(&e));
+            }
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The new run's first events: `run_started`, then one `step_reused` per
+    // reused step, committed together.
+    let journal = engine.store().journal(&id).await?;
+    let reused: Vec<String> = journal
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::StepReused { step, .. } => Some(printable(step).into_owned()),
+            _ => None,
+        })
+        .collect();
+    let run = printable(run);
+    if reused.is_empty() {
+        errln!("reusing no step from {run}");
+    } else {
+        errln!("reusing {} from {run}", reused.join(", "));
+    }
+    if let Some(Event::RunStarted { workflow, version, .. }) = journal.first().map(|e| &e.event) {
+        errln!("run {id} started ({} v{version}), from step {}", printable(workflow), printable(from));
+    }
+    wait_and_report(&engine, &id).await
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use petgraph::graph::DiGraph;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, json};
 use switchyard_steps::Registry;
 
 use fixedbitset::FixedBitSet;
@@ -137,9 +137,55 @@ pub fn compile_from(root: &str, loader: &dyn Loader, registry: &Registry) -> Res
 }
 
 fn bundle_hash(bundle: &Bundle) -> String {
-    let bytes = serde_json::to_vec(bundle).expect("bundle serializes");
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    sha256_hex(&serde_json::to_vec(bundle).expect("bundle serializes"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A step's fingerprint: its definition as written, plus the fingerprint
+/// of the workflow it calls (`child`), so that editing a called file changes
+/// the caller's. serde_json's `Map` is sorted, so the text is canonical; it is
+/// compared only within one process (both sides compiled by the same binary),
+/// never stored.
+fn step_fingerprint(s: &StepSpec, child: Option<&str>) -> String {
+    let retry = s.retry.as_ref().map(|r| {
+        json!({
+            "max_attempts": r.max_attempts,
+            "initial_delay": r.initial_delay,
+            "multiplier": r.multiplier,
+            "max_delay": r.max_delay,
+            "jitter": r.jitter,
+        })
+    });
+    let value = json!({
+        "id": s.id,
+        "kind": s.kind,
+        "with": s.with,
+        "needs": s.needs,
+        "join": match s.join { spec::Join::All => "all", spec::Join::Any => "any" },
+        "when": s.when,
+        "retry": retry,
+        "timeout": s.timeout,
+        "on_error": match s.on_error { spec::OnError::Fail => "fail", spec::OnError::Continue => "continue" },
+        "calls": child,
+    });
+    sha256_hex(&serde_json::to_vec(&value).expect("a JSON value serializes"))
+}
+
+/// What a caller of a workflow depends on: its steps, input schema, output
+/// and limits.
+fn workflow_fingerprint(spec: &Spec, steps: &[Step]) -> String {
+    let steps: Vec<&str> = steps.iter().map(|s| s.fingerprint.as_str()).collect();
+    let value = json!({
+        "steps": steps,
+        "input": spec.input,
+        "output": spec.output,
+        "llm_tokens": spec.limits.llm_tokens,
+    });
+    sha256_hex(&serde_json::to_vec(&value).expect("a JSON value serializes"))
 }
 
 struct Compiler<'a> {
@@ -477,6 +523,11 @@ impl Compiler<'_> {
             });
             let kind = self.kind(file, &place, s, &scope, &mut templates, &spec.steps, i);
             if let Some(kind) = kind {
+                let child = match &kind {
+                    StepKind::Map { child, .. } | StepKind::Call { child, .. } => Some(child.fingerprint.as_str()),
+                    StepKind::Action { .. } | StepKind::Switch { .. } => None,
+                };
+                let fingerprint = step_fingerprint(s, child);
                 steps.push(Step {
                     id: s.id.clone(),
                     kind,
@@ -489,6 +540,7 @@ impl Compiler<'_> {
                     retry,
                     timeout,
                     on_error: s.on_error,
+                    fingerprint,
                 });
             }
         }
@@ -505,8 +557,10 @@ impl Compiler<'_> {
                 steps[n.step].dependents.push(i);
             }
         }
+        let fingerprint = workflow_fingerprint(&spec, &steps);
         Some(Workflow {
             name,
+            fingerprint,
             version: spec.version,
             description: spec.description,
             input_schema,

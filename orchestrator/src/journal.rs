@@ -72,6 +72,18 @@ pub enum Event {
         step: String,
         reason: String,
     },
+    /// The step was not run: `runs rerun` copied its result from run
+    /// `from_run`, where it succeeded with the same definition and the same
+    /// upstream results. Folded like `step_succeeded`; `ops` are the model
+    /// calls and other sub-operations that result came from, kept for the
+    /// record (they are not counted against this run's token budget).
+    StepReused {
+        step: String,
+        from_run: String,
+        output: Value,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ops: Vec<ReusedOp>,
+    },
     /// Nothing can run before `wake_at` (with none: before a signal); the run
     /// released its task and lease.
     RunParked {
@@ -111,12 +123,21 @@ impl Event {
             Event::StepWaiting { .. } => "step_waiting",
             Event::SignalReceived { .. } => "signal_received",
             Event::StepSkipped { .. } => "step_skipped",
+            Event::StepReused { .. } => "step_reused",
             Event::RunParked { .. } => "run_parked",
             Event::RunResumed { .. } => "run_resumed",
             Event::CancelRequested { .. } => "cancel_requested",
             Event::RunFinished { .. } => "run_finished",
         }
     }
+}
+
+/// A sub-operation of the original run's attempt, carried by `step_reused`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReusedOp {
+    pub index: u32,
+    pub name: String,
+    pub value: Value,
 }
 
 /// An event as stored: when, its tag, and its payload (JSON text).
@@ -221,6 +242,13 @@ mod tests {
             Event::StepWaiting { step: "s".into(), attempt: 1, signal: Some("go".into()), until: None },
             Event::SignalReceived { name: "go".into(), payload: json!({"a": 1}), actor: None, sent_at: 3 },
             Event::RunParked { wake_at: None },
+            Event::StepReused { step: "s".into(), from_run: "r1".into(), output: json!({"text": "hi"}), ops: vec![] },
+            Event::StepReused {
+                step: "s".into(),
+                from_run: "r1".into(),
+                output: json!(1),
+                ops: vec![ReusedOp { index: 0, name: "llm_call".into(), value: json!({"outcome": "answered"}) }],
+            },
             Event::RunFinished { status: RunStatus::Succeeded, output: Some(json!(1)), error: None },
         ];
         for e in events {
@@ -233,5 +261,8 @@ mod tests {
         // Journals written before `actor` existed still read.
         assert_eq!(decode(r#"{"type":"run_resumed"}"#).unwrap(), Event::RunResumed { actor: None });
         assert_eq!(decode(r#"{"type":"run_parked","wake_at":5}"#).unwrap(), Event::RunParked { wake_at: Some(5) });
+        // A reuse without sub-operations leaves `ops` out.
+        let reused = Event::StepReused { step: "s".into(), from_run: "r".into(), output: json!(2), ops: vec![] };
+        assert_eq!(Encoded::new(0, &reused).payload, r#"{"type":"step_reused","step":"s","from_run":"r","output":2}"#);
     }
 }

@@ -32,9 +32,13 @@ pub struct StepSummary {
     pub llm: Option<LlmUse>,
     /// What a `decide` step decided.
     pub decision: Option<Decision>,
+    /// The run its result was copied from (`runs rerun`; status `reused`).
+    pub reused_from: Option<String>,
 }
 
-/// Model calls of a step, from its journaled `llm_call` operations.
+/// Model calls of a step, from its journaled `llm_call` operations. Calls,
+/// tokens and cost are what this run paid for; the answers of a step reused
+/// from an earlier run (`runs rerun`) are counted apart, as `reused`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct LlmUse {
     pub calls: u32,
@@ -47,13 +51,48 @@ pub struct LlmUse {
     /// In the currency of the price table; `null` without a price for the
     /// model (see `SWITCHYARD_LLM_PRICES`).
     pub cost: Option<f64>,
-    /// Calls whose answers were reused from an earlier run (`runs rerun`).
+    /// Calls whose answers were reused from an earlier run (`runs rerun`):
+    /// not sent again, not paid again.
     #[serde(skip_serializing_if = "is_zero")]
     pub reused: u32,
+    /// The tokens of the reused calls (not in `input_tokens`, `output_tokens`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reused_input_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reused_output_tokens: u64,
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
+fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
+    *n == N::default()
+}
+
+impl LlmUse {
+    /// Adds one journaled `llm_call` operation; `reused`: it came with a
+    /// step reused from an earlier run.
+    fn add(&mut self, value: &Value, reused: bool) {
+        if value.get("outcome").and_then(Value::as_str) != Some("answered") {
+            // A wait a reused step went through was not this run's.
+            if !reused {
+                self.unavailable += 1;
+            }
+            return;
+        }
+        let usage = &value["usage"];
+        let (input, output) =
+            (usage["input_tokens"].as_u64().unwrap_or(0), usage["output_tokens"].as_u64().unwrap_or(0));
+        if reused {
+            self.reused += 1;
+            self.reused_input_tokens += input;
+            self.reused_output_tokens += output;
+        } else {
+            self.calls += 1;
+            self.input_tokens += input;
+            self.output_tokens += output;
+        }
+        if let Some(model) = value.get("model").and_then(Value::as_str) {
+            self.model = model.to_owned();
+        }
+    }
 }
 
 /// The output of a `decide` step, as shown.
@@ -117,8 +156,19 @@ impl Prices {
     }
 }
 
-/// Tokens and cost over all steps: `(input, output, cost)`; the cost is
-/// `None` if any step with calls has no price.
+/// Tokens of the reused model calls over all steps: `(input, output)`, if
+/// any call was reused.
+pub fn llm_reused_totals(steps: &[StepSummary]) -> Option<(u64, u64)> {
+    let uses: Vec<&LlmUse> = steps.iter().filter_map(|s| s.llm.as_ref()).filter(|u| u.reused > 0).collect();
+    if uses.is_empty() {
+        return None;
+    }
+    Some((uses.iter().map(|u| u.reused_input_tokens).sum(), uses.iter().map(|u| u.reused_output_tokens).sum()))
+}
+
+/// Tokens and cost over all steps: `(input, output, cost)`, what this run
+/// paid for (reused calls are not in it); the cost is `None` if any step
+/// with calls has no price.
 pub fn llm_totals(steps: &[StepSummary]) -> Option<(u64, u64, Option<f64>)> {
     let uses: Vec<&LlmUse> = steps.iter().filter_map(|s| s.llm.as_ref()).collect();
     if uses.is_empty() {
@@ -126,7 +176,9 @@ pub fn llm_totals(steps: &[StepSummary]) -> Option<(u64, u64, Option<f64>)> {
     }
     let input = uses.iter().map(|u| u.input_tokens).sum();
     let output = uses.iter().map(|u| u.output_tokens).sum();
-    let cost = uses.iter().try_fold(0.0, |sum, u| u.cost.map(|c| sum + c));
+    // A step whose calls were all reused cost this run nothing, priced or not.
+    let paid = uses.iter().filter(|u| u.calls > 0 || u.unavailable > 0 || u.reused == 0);
+    let cost = paid.into_iter().try_fold(0.0, |sum, u| u.cost.map(|c| sum + c));
     Some((input, output, cost))
 }
 
@@ -179,20 +231,18 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
             }
             Event::StepOp { step, name, value, .. } if name == switchyard_steps::llm::CALL_OP => {
                 let s = entry(&mut by_id, &mut order, step);
-                let llm = s.llm.get_or_insert_with(LlmUse::default);
-                if value.get("outcome").and_then(Value::as_str) == Some("answered") {
-                    llm.calls += 1;
-                    let usage = &value["usage"];
-                    llm.input_tokens += usage["input_tokens"].as_u64().unwrap_or(0);
-                    llm.output_tokens += usage["output_tokens"].as_u64().unwrap_or(0);
-                    if let Some(model) = value.get("model").and_then(Value::as_str) {
-                        llm.model = model.to_owned();
-                    }
-                    if value.get("reused_from").is_some() {
-                        llm.reused += 1;
-                    }
-                } else {
-                    llm.unavailable += 1;
+                s.llm.get_or_insert_with(LlmUse::default).add(value, false);
+            }
+            Event::StepReused { step, from_run, output, ops } => {
+                let s = entry(&mut by_id, &mut order, step);
+                s.status = "reused".into();
+                s.note = Some(format!("from {from_run}"));
+                s.reused_from = Some(from_run.clone());
+                s.error = None;
+                s.decision = Decision::from_output(output);
+                s.ended_at = Some(e.at);
+                for op in ops.iter().filter(|op| op.name == switchyard_steps::llm::CALL_OP) {
+                    s.llm.get_or_insert_with(LlmUse::default).add(&op.value, true);
                 }
             }
             Event::StepFailed { step, error, retry_at, continued, .. } => {
@@ -368,19 +418,29 @@ pub fn render(steps: &[StepSummary]) -> String {
             }
         }
         if let Some(llm) = &s.llm {
-            let calls = if llm.calls == 1 { "1 model call".to_owned() } else { format!("{} model calls", llm.calls) };
-            let mut line = format!("{calls}, {} in + {} out tokens", llm.input_tokens, llm.output_tokens);
-            if !llm.model.is_empty() {
-                line = format!("{}: {line}", printable(&llm.model));
-            }
-            if let Some(cost) = llm.cost {
-                let _ = write!(line, ", cost {cost:.6}");
-            }
-            if llm.unavailable > 0 {
-                let _ = write!(line, ", {} waited out", llm.unavailable);
+            let mut parts = Vec::new();
+            if llm.calls > 0 || llm.unavailable > 0 || llm.reused == 0 {
+                let mut paid =
+                    format!("{}, {} in + {} out tokens", calls(llm.calls), llm.input_tokens, llm.output_tokens);
+                if let Some(cost) = llm.cost {
+                    let _ = write!(paid, ", cost {cost:.6}");
+                }
+                if llm.unavailable > 0 {
+                    let _ = write!(paid, ", {} waited out", llm.unavailable);
+                }
+                parts.push(paid);
             }
             if llm.reused > 0 {
-                let _ = write!(line, ", {} reused", llm.reused);
+                parts.push(format!(
+                    "{} reused, {} in + {} out tokens not paid again",
+                    calls(llm.reused),
+                    llm.reused_input_tokens,
+                    llm.reused_output_tokens
+                ));
+            }
+            let mut line = parts.join("; ");
+            if !llm.model.is_empty() {
+                line = format!("{}: {line}", printable(&llm.model));
             }
             let _ = writeln!(out, "{pad}{line}");
         }
@@ -389,7 +449,14 @@ pub fn render(steps: &[StepSummary]) -> String {
         let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
         let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
     }
+    if let Some((input, output)) = llm_reused_totals(steps) {
+        let _ = writeln!(out, "  reused model tokens (not paid again): {input} in + {output} out");
+    }
     out
+}
+
+fn calls(n: u32) -> String {
+    if n == 1 { "1 model call".to_owned() } else { format!("{n} model calls") }
 }
 
 // Machine output: `runs list --json` and `runs show --json`. Field names are
@@ -473,6 +540,8 @@ pub struct StepDetail<'a> {
     pub note: Option<&'a str>,
     pub llm: Option<&'a LlmUse>,
     pub decision: Option<&'a Decision>,
+    /// The run a `reused` step's result was copied from.
+    pub reused_from: Option<&'a str>,
 }
 
 /// One child run of [`RunDetail`].
@@ -534,6 +603,7 @@ pub fn run_detail<'a>(
                 note: s.note.as_deref(),
                 llm: s.llm.as_ref(),
                 decision: s.decision.as_ref(),
+                reused_from: s.reused_from.as_deref(),
             })
             .collect(),
         children: children.iter().map(|c| ChildItem { id: &c.id, workflow: &c.workflow, status: c.status }).collect(),
@@ -644,5 +714,35 @@ mod tests {
         assert_eq!((steps[0].started_at, steps[0].ended_at), (Some(1_000), Some(1_250 + hour)));
         let table = render(&steps);
         assert!(table.contains("250 ms") && !table.contains("3600250"), "{table}");
+    }
+
+    #[test]
+    fn a_reused_step_shows_its_calls_as_not_paid_again() {
+        let call = |input: u64, output: u64| json!({"outcome": "answered", "model": "m1", "usage": {"input_tokens": input, "output_tokens": output}});
+        let reused = crate::journal::ReusedOp { index: 0, name: "llm_call".into(), value: call(12, 8) };
+        let journal = [
+            at(1, Event::StepReused { step: "a".into(), from_run: "r0".into(), output: json!({}), ops: vec![reused] }),
+            at(2, started("b", 1)),
+            at(3, Event::StepOp { step: "b".into(), attempt: 1, index: 0, name: "llm_call".into(), value: call(5, 2) }),
+            at(4, Event::StepSucceeded { step: "b".into(), attempt: 1, output: json!({}) }),
+        ];
+        let mut steps = steps(&journal);
+        assert_eq!((steps[0].status.as_str(), steps[0].note.as_deref()), ("reused", Some("from r0")));
+        assert_eq!(steps[0].reused_from.as_deref(), Some("r0"));
+        let a = steps[0].llm.clone().unwrap();
+        assert_eq!(
+            (a.calls, a.input_tokens, a.reused, a.reused_input_tokens, a.reused_output_tokens),
+            (0, 0, 1, 12, 8)
+        );
+        // Only b's tokens were paid for by this run; a's price does not matter.
+        Prices::parse(r#"{"m1": {"input": 1000000, "output": 0}}"#).unwrap().apply(&mut steps[1..]);
+        assert_eq!(llm_totals(&steps), Some((5, 2, Some(5.0))));
+        assert_eq!(llm_reused_totals(&steps), Some((12, 8)));
+        let table = render(&steps);
+        assert!(table.contains("m1: 1 model call reused, 12 in + 8 out tokens not paid again"), "{table}");
+        assert!(table.contains("m1: 1 model call, 5 in + 2 out tokens"), "{table}");
+        assert!(table.contains("model tokens: 5 in + 2 out, cost 5.000000"), "{table}");
+        assert!(table.contains("reused model tokens (not paid again): 12 in + 8 out"), "{table}");
+        assert!(table.contains("reused") && table.contains("(from r0)"), "{table}");
     }
 }

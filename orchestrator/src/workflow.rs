@@ -32,6 +32,9 @@ pub struct Workflow {
     pub(crate) templates: Templates,
     /// `limits.llm_tokens`.
     pub(crate) llm_tokens: Option<u64>,
+    /// Hex SHA-256 of what a caller depends on (see [`Step::fingerprint`]):
+    /// its steps' fingerprints, input schema, output and limits.
+    pub(crate) fingerprint: String,
 }
 
 impl Workflow {
@@ -56,6 +59,10 @@ impl Workflow {
     }
     pub(crate) fn step_index(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()
+    }
+    /// The fingerprint of step `id` (see [`Step::fingerprint`]).
+    pub fn step_fingerprint(&self, id: &str) -> Option<&str> {
+        self.step_index(id).map(|i| self.steps[i].fingerprint.as_str())
     }
 
     /// Checks a run input against the workflow's input schema.
@@ -87,6 +94,11 @@ pub struct Step {
     pub(crate) retry: RetryPolicy,
     pub(crate) timeout: Option<Duration>,
     pub(crate) on_error: OnError,
+    /// Hex SHA-256 of the step as written (id, kind, with, needs, join,
+    /// when, retry, timeout, on_error) and, for a `map` or `workflow` step,
+    /// of the workflow it calls: equal fingerprints mean the same step, so
+    /// `runs rerun` may reuse its result. Computed at compile, never stored.
+    pub(crate) fingerprint: String,
 }
 
 impl std::fmt::Debug for Step {

@@ -10,5 +10,6 @@ mod http;
 mod llm;
 mod props;
 mod recovery;
+mod rerun;
 mod signals;
 mod support;

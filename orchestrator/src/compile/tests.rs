@@ -279,3 +279,46 @@ fn json_files_use_the_same_model() {
             .unwrap_err();
     assert!(errs.to_string().contains("unknown field `nope`"), "{errs}");
 }
+
+#[test]
+fn a_step_fingerprint_changes_with_its_own_definition_only() {
+    let fingerprints = |files: &[(&str, &str)]| {
+        let def = compile_files(files).unwrap_or_else(|e| panic!("{e}"));
+        let wf = &def.workflow;
+        ["a", "b", "call"].map(|id| wf.step_fingerprint(id).unwrap_or_default().to_owned())
+    };
+    let wf = |a_with: &str, b_with: &str| {
+        format!(
+            "name: f\nsteps:\n  - {{id: a, kind: transform, with: {a_with}}}\n  \
+             - {{id: b, kind: transform, needs: [a], with: {b_with}}}\n  \
+             - {{id: call, kind: workflow, needs: [b], with: {{path: child.yaml}}}}\n"
+        )
+    };
+    let child = "name: child\nsteps:\n  - {id: x, kind: transform, with: {v: 1}}\n";
+    let base = fingerprints(&[("wf.yaml", &wf("{v: 1, w: 2}", "{v: 2}")), ("child.yaml", child)]);
+    assert!(base.iter().all(|f| f.len() == 64), "{base:?}");
+    assert!(base[0] != base[1] && base[1] != base[2]);
+
+    // Same definition, keys in another order: same fingerprints.
+    assert_eq!(fingerprints(&[("wf.yaml", &wf("{w: 2, v: 1}", "{v: 2}")), ("child.yaml", child)]), base);
+
+    // `with` of a changed: a changes, b and call do not.
+    let edited = fingerprints(&[("wf.yaml", &wf("{v: 9, w: 2}", "{v: 2}")), ("child.yaml", child)]);
+    assert_ne!(edited[0], base[0]);
+    assert_eq!(edited[1..], base[1..]);
+
+    // `with` of b changed: only b.
+    let edited = fingerprints(&[("wf.yaml", &wf("{v: 1, w: 2}", "{v: 3}")), ("child.yaml", child)]);
+    assert_eq!((edited[0] == base[0], edited[1] == base[1], edited[2] == base[2]), (true, false, true));
+
+    // The called file changed: the caller's fingerprint changes.
+    let child = "name: child\nsteps:\n  - {id: x, kind: transform, with: {v: 2}}\n";
+    let edited = fingerprints(&[("wf.yaml", &wf("{v: 1, w: 2}", "{v: 2}")), ("child.yaml", child)]);
+    assert_eq!(edited[..2], base[..2]);
+    assert_ne!(edited[2], base[2]);
+
+    // Other fields count too: a retry policy, a timeout.
+    let retried = wf("{v: 1, w: 2}", "{v: 2}").replace("needs: [a], ", "needs: [a], timeout: 5s, ");
+    let edited = fingerprints(&[("wf.yaml", &retried), ("child.yaml", child)]);
+    assert_ne!(edited[1], base[1]);
+}

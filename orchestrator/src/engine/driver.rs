@@ -279,6 +279,11 @@ impl Driver {
                     signals.insert(name.clone(), signal);
                 }
                 Event::StepSkipped { step, .. } => steps[index(step)?].complete(Status::Skipped, None),
+                // Copied from an earlier run (`runs rerun`): a success, whose
+                // model calls this run did not pay for (not counted).
+                Event::StepReused { step, output, .. } => {
+                    steps[index(step)?].complete(Status::Succeeded, Some(output.clone()))
+                }
                 Event::RunParked { .. } => {}
                 Event::CancelRequested { .. } => {}
                 Event::RunResumed { .. } => {

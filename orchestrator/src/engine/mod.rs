@@ -1,5 +1,5 @@
 //! The engine: accepts runs, drives them durably, parks and wakes them, and
-//! lets them be cancelled or resumed.
+//! lets them be cancelled, resumed or re-run from a step.
 //!
 //! Built from [`EngineOptions`] by [`Engine::start`] and reached through the
 //! cheap, cloneable [`Engine`] handle. Background tasks: the group-commit
@@ -11,6 +11,7 @@
 mod child;
 mod driver;
 mod journal_handle;
+mod rerun;
 mod writer;
 
 use std::collections::{BTreeSet, HashMap};
@@ -243,7 +244,7 @@ impl Engine {
 
     /// Starts a run and returns its id once the start is durable.
     pub async fn submit(&self, def: &Definition, input: Value) -> Result<String> {
-        Ok(self.create_run(def, input, None).await?.id)
+        Ok(self.create_run(def, input, None, Vec::new()).await?.id)
     }
 
     /// Starts a run unless one was already started with `key` (a retried
@@ -252,7 +253,7 @@ impl Engine {
         if let Some(existing) = self.existing(def, key).await? {
             return Ok(existing);
         }
-        self.create_run(def, input, Some(key.to_owned())).await
+        self.create_run(def, input, Some(key.to_owned()), Vec::new()).await
     }
 
     async fn existing(&self, def: &Definition, key: &str) -> Result<Option<Submitted>> {
@@ -266,7 +267,16 @@ impl Engine {
         Ok(Some(Submitted { id: run.id, created: false }))
     }
 
-    async fn create_run(&self, def: &Definition, input: Value, key: Option<String>) -> Result<Submitted> {
+    /// Creates a root run and dispatches it. `reused` (a re-run's
+    /// `step_reused` events) is written right after `run_started`, in the
+    /// same commit.
+    async fn create_run(
+        &self,
+        def: &Definition,
+        input: Value,
+        key: Option<String>,
+        reused: Vec<Event>,
+    ) -> Result<Submitted> {
         def.workflow.check_input(&input).map_err(Error::InvalidInput)?;
         crate::limits::check(&input).map_err(|why| Error::InvalidInput(vec![format!("input: {why}")]))?;
         let inner = &self.inner;
@@ -289,8 +299,11 @@ impl Engine {
             idempotency_key: key.clone(),
         };
         let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
-        let journal = vec![JournalEntry { seq: 0, at: now, event: started.clone() }];
-        inner.writer.commit(Write::Create { fence: None, run, events: vec![Encoded::new(now, &started)] }).await?;
+        let events: Vec<Event> = std::iter::once(started).chain(reused).collect();
+        let encoded = Encoded::all(now, &events);
+        let journal: Vec<JournalEntry> =
+            events.into_iter().zip(0..).map(|(event, seq)| JournalEntry { seq, at: now, event }).collect();
+        inner.writer.commit(Write::Create { fence: None, run, events: encoded }).await?;
         if let Some(key) = &key
             && let Some(winner) = inner.store.run_by_key(key).await?
             && winner.id != id
