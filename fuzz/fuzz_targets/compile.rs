@@ -5,6 +5,7 @@
 #![no_main]
 
 use std::collections::BTreeMap;
+
 use libfuzzer_sys::fuzz_target;
 use switchyard_orchestrator::compile::compile_bundle;
 use switchyard_orchestrator::workflow::Bundle;
