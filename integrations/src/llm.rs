@@ -165,7 +165,9 @@ pub struct Provider {
 impl Provider {
     pub fn new(http: reqwest::Client, config: ProviderConfig) -> Self {
         let openai = OpenAIConfig::new().with_api_base(config.base_url.clone()).with_api_key(config.api_key.0.clone());
-        let client = async_openai::Client::with_config(openai).with_http_service(Exchange { client: http });
+        // `build`, not `with_config`: that would make (and load the root
+        // certificates of) a second reqwest client.
+        let client = async_openai::Client::build(http.clone(), openai).with_http_service(Exchange { client: http });
         Self {
             gate: Gate::new(config.limits.max_concurrent),
             window: Mutex::new(Window::default()),

@@ -402,7 +402,7 @@ output: "{{{{ steps.triage.output.choice }}}}"
     )
 }
 
-/// `llm-router`: 30 runs one after another (latency, and the model server's
+/// `llm-router`: 200 runs one after another (latency, and the model server's
 /// own time per run), then 2,000 runs at once (decide steps per second),
 /// with the provider `default` on a zero-latency local server and no
 /// provider limit. The overhead per LLM step is the p50 run latency minus
@@ -412,7 +412,7 @@ output: "{{{{ steps.triage.output.choice }}}}"
 async fn llm_router(base: &Engine) -> Vec<Value> {
     match llm_router_inner(base).await {
         Ok(lines) => lines,
-        Err(e) => vec![json!({"workload": "llm-router", "metric": "latency", "n": 30, "error": e.to_string()})],
+        Err(e) => vec![json!({"workload": "llm-router", "metric": "latency", "n": 200, "error": e.to_string()})],
     }
 }
 
@@ -429,7 +429,8 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
     };
     let models = Providers::new(http.client(), vec![provider]);
     let registry = crate::registry(Arc::new(http), Arc::new(models));
-    let options = EngineOptions { max_concurrent_runs: 4096, ..Default::default() };
+    let max_runs = std::env::var("BENCH_MAX_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    let options = EngineOptions { max_concurrent_runs: max_runs, ..Default::default() };
     let engine = Engine::start(base.store().clone(), registry, Arc::new(SystemClock), options);
     let def = compile_text("llm-router.yaml", router_yaml(server.addr), &engine)?;
     let switch = router_yaml(server.addr).replacen(
@@ -442,16 +443,31 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
     let input = json!({"text": "please refund me"});
     let expect = json!("refund");
 
-    let baseline = latency(&engine, &plain, &input, &expect, 30).await?;
+    // The two workflows alternate, so that drift in the machine's speed
+    // touches both alike.
+    for _ in 0..WARMUP {
+        one(&engine, &plain, input.clone(), &expect).await?;
+        one(&engine, &def, input.clone(), &expect).await?;
+    }
+    let n = 200;
+    let (mut baseline, mut samples) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let (before_ms, before_n) = server.spent();
-    let samples = latency(&engine, &def, &input, &expect, 30).await?;
+    for _ in 0..n {
+        let t = Instant::now();
+        one(&engine, &plain, input.clone(), &expect).await?;
+        baseline.push(t.elapsed().as_secs_f64() * 1000.0);
+        let t = Instant::now();
+        one(&engine, &def, input.clone(), &expect).await?;
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
     let (after_ms, after_n) = server.spent();
-    // Warm-up calls are counted in both: per call it is the same.
+    baseline.sort_by(f64::total_cmp);
+    samples.sort_by(f64::total_cmp);
     let server_ms = (after_ms - before_ms) / (after_n - before_n).max(1) as f64;
     let p50 = percentile(&samples, 50.0);
     let overhead = p50 - percentile(&baseline, 50.0) - server_ms;
     let mut lines = vec![json!({
-        "workload": "llm-router", "metric": "latency", "n": 30,
+        "workload": "llm-router", "metric": "latency", "n": n,
         "p50_ms": round(p50), "p95_ms": round(percentile(&samples, 95.0)),
         "switch_p50_ms": round(percentile(&baseline, 50.0)),
         "model_server_ms_per_call": round3(server_ms),

@@ -52,11 +52,18 @@ pub fn signal_name_problem(name: &str) -> Option<String> {
 /// Signals a run has received, by name.
 pub type Signals = Arc<BTreeMap<String, Signal>>;
 
-/// Where [`StepContext::journaled`] writes. The engine implements it with a
-/// durable, fenced journal append that returns once committed.
+/// Where [`StepContext::journaled`] writes. The engine implements it with
+/// durable, fenced journal appends: `record` may hold an operation back,
+/// and `flush` commits what it holds; what is still held when the attempt
+/// ends is committed with the attempt's result.
 #[async_trait]
 pub trait OpSink: Send + Sync {
     async fn record(&self, index: u32, name: &str, value: &Value) -> Result<(), StepError>;
+
+    /// Commits every operation recorded so far.
+    async fn flush(&self) -> Result<(), StepError> {
+        Ok(())
+    }
 }
 
 /// The context of one step attempt.
@@ -232,12 +239,26 @@ impl StepContext {
     /// running `op` again. Calls must come in the same order on every call of
     /// the step (like Temporal's deterministic replay); a name that differs from
     /// the recorded one is an error.
+    ///
+    /// The result is durable before anything else happens that could depend
+    /// on it: before the next operation of the step runs, or else with the
+    /// step's own result (its output, its wait, its failure), in the same
+    /// commit. A step that asks a model once and returns pays one commit,
+    /// not two.
     pub async fn journaled<T, F>(&mut self, name: &str, op: F) -> StepResult<T>
     where
         T: Serialize + DeserializeOwned,
         F: Future<Output = StepResult<T>>,
     {
         self.journaled_keyed(name, |_| op).await
+    }
+
+    /// Makes every operation journaled so far durable. A step calls it
+    /// before it acts outside [`StepContext::journaled`] (the agent before
+    /// running a turn's tool calls together), so that nothing it does
+    /// depends on a result a crash could still lose.
+    pub async fn commit_ops(&self) -> StepResult<()> {
+        self.sink.flush().await.map_err(Stop::Error)
     }
 
     /// The idempotency key of the next journaled sub-operation:
@@ -278,6 +299,8 @@ impl StepContext {
                     .map_err(|e| StepError::fatal("replay", format!("recorded {name:?} does not decode: {e}")).into());
             }
         }
+        // What earlier operations returned is durable before this one acts.
+        self.sink.flush().await?;
         let value = op.await?;
         let json = serde_json::to_value(&value).map_err(|e| StepError::fatal("encode", format!("{name}: {e}")))?;
         self.sink.record(index, name, &json).await?;

@@ -73,6 +73,9 @@ struct StepState {
     /// Sub-operations journaled by the current attempt (replayed when it is
     /// called again); shared with the attempt's op sink.
     ops: Arc<Mutex<Vec<RecordedOp>>>,
+    /// Operations of the attempt in flight not yet sent: written with its
+    /// result (see `StepOps`).
+    unsent: Arc<Mutex<Vec<Event>>>,
     due: Option<i64>,
     /// `{output, status}` for templates, built once when the step completes.
     view: Option<MjValue>,
@@ -97,6 +100,7 @@ impl StepState {
             budget_start: 0,
             output: None,
             ops: Arc::default(),
+            unsent: Arc::default(),
             due: None,
             view: None,
             interrupted: false,
@@ -684,6 +688,7 @@ impl Driver {
         let attempt = st.attempt;
         let replay = st.ops.lock().expect("ops").clone();
         let recorded = st.ops.clone();
+        let st_unsent = st.unsent.clone();
         let ctx_value = self.context(Some(i), &[]);
         let ctx = StepContext::new(
             self.run_id.clone(),
@@ -693,7 +698,13 @@ impl Driver {
             self.inner.clock.clone(),
             self.cancel.child_token(),
             replay,
-            Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt, recorded }),
+            Arc::new(StepOps {
+                journal: self.journal.clone(),
+                step: id.clone(),
+                attempt,
+                recorded,
+                unsent: st_unsent,
+            }),
         )
         .with_signals(self.signals.clone())
         .with_tokens(self.tokens.clone());
@@ -818,6 +829,8 @@ impl Driver {
                 }
             };
             let result = self.checked(i, result);
+            // Its operations not yet sent go first, in the same commit.
+            events.append(&mut self.steps[i].unsent.lock().expect("unsent ops"));
             let step = &self.wf.steps[i];
             let id = step.id.clone();
             match result {

@@ -52,7 +52,10 @@ impl RunJournal {
     }
 }
 
-/// Journals a step's sub-operations (see `StepContext::journaled`).
+/// Journals a step's sub-operations (see `StepContext::journaled`). An
+/// operation is held in `unsent` until the step's next operation flushes it,
+/// or until the attempt ends: the driver then writes it in the same commit
+/// as the attempt's result, ahead of it.
 pub(crate) struct StepOps {
     pub journal: Arc<RunJournal>,
     pub step: String,
@@ -60,6 +63,8 @@ pub(crate) struct StepOps {
     /// The driver's copy, replayed if the step is called again in this
     /// process (after a suspension).
     pub recorded: Arc<Mutex<Vec<RecordedOp>>>,
+    /// Recorded, not yet sent to the writer.
+    pub unsent: Arc<Mutex<Vec<Event>>>,
 }
 
 #[async_trait]
@@ -72,8 +77,16 @@ impl OpSink for StepOps {
             name: name.to_owned(),
             value: value.clone(),
         };
-        self.journal.commit(vec![event], None).await.map_err(|e| StepError::retryable("journal", e.to_string()))?;
+        self.unsent.lock().expect("unsent ops").push(event);
         self.recorded.lock().expect("ops").push(RecordedOp { index, name: name.to_owned(), value: value.clone() });
         Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), StepError> {
+        let events = std::mem::take(&mut *self.unsent.lock().expect("unsent ops"));
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.journal.commit(events, None).await.map_err(|e| StepError::retryable("journal", e.to_string()))
     }
 }

@@ -310,6 +310,10 @@ impl Agent {
             outcomes.push(outcome);
         }
         let start = outcomes.len();
+        if start < asked.len() {
+            // The answer that asked for these calls is durable before they run.
+            ctx.commit_ops().await?;
+        }
         let base_key = ctx.idempotency_key().to_owned();
         let workflows = ctx.workflows().cloned();
         let cancel = ctx.cancel_token();
