@@ -474,26 +474,34 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
         "overhead_per_llm_step_ms": round3(overhead),
     })];
 
-    let n = 2_000;
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let (engine, def) = (engine.clone(), def.clone());
-        let (text, expect) = if i % 2 == 0 { ("refund me", "refund") } else { ("it crashes", "bug") };
-        tasks.spawn(async move { one(&engine, &def, json!({"text": text}), &json!(expect)).await });
-    }
-    let mut failed = None;
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r.context("run task").and_then(|r| r) {
-            failed.get_or_insert(e.to_string());
+    // The router (decide, then an http step), and a decide alone.
+    let alone = router_yaml(server.addr);
+    let alone = alone.split("  - id: refund").next().unwrap_or_default().to_owned()
+        + "output: \"{{ steps.triage.output.choice }}\"\n";
+    let alone = compile_text("decide.yaml", alone, &engine)?;
+    for (what, def) in [("router", &def), ("decide_only", &alone)] {
+        let n = 2_000;
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (engine, def) = (engine.clone(), def.clone());
+            let (text, expect) = if i % 2 == 0 { ("refund me", "refund") } else { ("it crashes", "bug") };
+            tasks.spawn(async move { one(&engine, &def, json!({"text": text}), &json!(expect)).await });
         }
+        let mut failed = None;
+        while let Some(r) = tasks.join_next().await {
+            if let Err(e) = r.context("run task").and_then(|r| r) {
+                failed.get_or_insert(e.to_string());
+            }
+        }
+        let wall = start.elapsed().as_secs_f64();
+        lines.push(match failed {
+            None => json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n,
+                "wall_s": round3(wall), "runs_per_s": round(n as f64 / wall),
+                "decide_steps_per_s": round(n as f64 / wall)}),
+            Some(e) => json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n, "error": e}),
+        });
     }
-    let wall = start.elapsed().as_secs_f64();
-    lines.push(match failed {
-        None => json!({"workload": "llm-router", "metric": "throughput", "n": n, "wall_s": round3(wall),
-            "runs_per_s": round(n as f64 / wall), "decide_steps_per_s": round(n as f64 / wall)}),
-        Some(e) => json!({"workload": "llm-router", "metric": "throughput", "n": n, "error": e}),
-    });
     engine.shutdown().await;
     let _ = server.stop.send(());
     Ok(lines)

@@ -384,6 +384,7 @@ mod tests {
     use super::testing::*;
     use super::*;
     use crate::clock::ManualClock;
+    use std::sync::Mutex;
 
     #[tokio::test]
     async fn journaled_ops_replay_instead_of_running_again() {
@@ -403,6 +404,52 @@ mod tests {
         let mut third = context(Arc::new(ManualClock::new(0)), sink);
         let err = third.journaled::<u32, _>("other", async { Ok(1) }).await.unwrap_err();
         assert!(matches!(err, Stop::Error(e) if e.code == "nondeterministic"));
+    }
+
+    /// Counts flushes, and what each op saw committed when it ran.
+    #[derive(Default)]
+    struct Flushes {
+        held: Mutex<u32>,
+        committed: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl OpSink for Flushes {
+        async fn record(&self, _index: u32, _name: &str, _value: &Value) -> Result<(), StepError> {
+            *self.held.lock().unwrap() += 1;
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), StepError> {
+            let mut held = self.held.lock().unwrap();
+            *self.committed.lock().unwrap() += std::mem::take(&mut *held);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operation_runs_only_once_the_ones_before_it_are_committed() {
+        let sink = Arc::new(Flushes::default());
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(0));
+        let mut ctx = StepContext::new(
+            "r".into(),
+            "s".into(),
+            1,
+            "r/s".into(),
+            clock,
+            CancellationToken::new(),
+            Vec::new(),
+            sink.clone(),
+        );
+        let seen = |sink: &Arc<Flushes>| *sink.committed.lock().unwrap();
+        let s = sink.clone();
+        ctx.journaled("a", async move { Ok(seen(&s)) }).await.unwrap();
+        let s = sink.clone();
+        let before_b: u32 = ctx.journaled("b", async move { Ok(seen(&s)) }).await.unwrap();
+        assert_eq!(before_b, 1, "a was committed before b ran");
+        // The last one is held: the engine writes it with the step's result.
+        assert_eq!((*sink.held.lock().unwrap(), seen(&sink)), (1, 1));
+        ctx.commit_ops().await.unwrap();
+        assert_eq!(seen(&sink), 2);
     }
 
     #[tokio::test]

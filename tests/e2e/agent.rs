@@ -8,46 +8,32 @@ use serde_json::{Value, json};
 use switchyard_integrations::llm::Limits;
 use switchyard_orchestrator::compile::compile_file;
 use switchyard_orchestrator::journal::RunStatus;
-use switchyard_orchestrator::store::Store;
-use switchyard_orchestrator::{Definition, Engine, EngineOptions};
-use switchyard_steps::{Registry, SystemClock};
-use switchyard_tests::{CounterServer, ModelServer, Reply, TempDir, temp_dir};
+use switchyard_steps::SystemClock;
+use switchyard_tests::{CounterServer, Reply, temp_dir};
 
-use crate::llm::model_registry;
-use crate::support::store;
+use crate::support::ModelSetup;
 
+/// The shared model setup, and a local HTTP server for the tools.
 struct Setup {
-    model: ModelServer,
+    m: ModelSetup,
     http: CounterServer,
-    dir: TempDir,
-    store: Arc<dyn Store>,
-    engine: Engine,
-    registry: Registry,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = ModelSetup;
+    fn deref(&self) -> &ModelSetup {
+        &self.m
+    }
 }
 
 impl Setup {
     async fn new(name: &str) -> Self {
-        let model = ModelServer::start().await;
-        let http = CounterServer::start().await;
-        let dir = temp_dir(name);
-        let store = store(&dir).await;
-        let registry = model_registry(&model, Limits::default());
-        let engine = Engine::start(store.clone(), registry.clone(), Arc::new(SystemClock), EngineOptions::default());
-        Self { model, http, dir, store, engine, registry }
-    }
-
-    fn write(&self, name: &str, yaml: &str) {
-        std::fs::write(self.dir.join(name), yaml).unwrap();
-    }
-
-    fn compile(&self, yaml: &str) -> Definition {
-        self.write("agent.yaml", yaml);
-        compile_file(&self.dir.join("agent.yaml"), &self.registry).unwrap_or_else(|e| panic!("does not compile:\n{e}"))
+        let m = ModelSetup::new(name, Arc::new(SystemClock), Limits::default()).await;
+        Self { m, http: CounterServer::start().await }
     }
 
     async fn stop(self) {
-        self.engine.shutdown().await;
-        self.model.stop().await;
+        self.m.stop().await;
         self.http.stop().await;
     }
 }
@@ -89,7 +75,7 @@ fn tool_messages(request: &switchyard_tests::ModelRequest) -> Vec<Value> {
 #[tokio::test]
 async fn tool_calls_run_and_their_results_go_back_to_the_model() {
     let s = Setup::new("agent-tools").await;
-    s.model.script_all([
+    s.server.script_all([
         Reply::tool_calls(vec![("get_alerts", json!({"service": "db"})), ("get_deploys", json!({"service": "db"}))]),
         Reply::text("The db has an open alert and was deployed an hour ago."),
     ]);
@@ -110,7 +96,7 @@ async fn tool_calls_run_and_their_results_go_back_to_the_model() {
     assert_eq!(deploys[0].idempotency_key.as_deref(), Some(format!("{}/agent/tool/1", outcome.id).as_str()));
 
     // The second model request carries both results, answering their calls.
-    let requests = s.model.requests();
+    let requests = s.server.requests();
     assert_eq!(requests.len(), 2);
     assert_eq!(requests[0].body["tools"][0]["function"]["name"], "get_alerts");
     let results = tool_messages(&requests[1]);
@@ -125,7 +111,7 @@ async fn tool_calls_run_and_their_results_go_back_to_the_model() {
 #[tokio::test]
 async fn invalid_tool_arguments_go_back_to_the_model_as_an_error() {
     let s = Setup::new("agent-invalid").await;
-    s.model.script_all([
+    s.server.script_all([
         Reply::tool_calls(vec![("get_alerts", json!({"service": 5}))]),
         Reply::tool_call_raw("get_alerts", "{not json"),
         Reply::tool_calls(vec![("restart_everything", json!({}))]),
@@ -135,7 +121,7 @@ async fn invalid_tool_arguments_go_back_to_the_model_as_an_error() {
     let outcome = s.engine.run(&def, json!({"service": "db"})).await.unwrap();
     assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
     assert_eq!(s.http.count("alerts"), 0, "no tool ran on invalid arguments");
-    let requests = s.model.requests();
+    let requests = s.server.requests();
     let error = |i: usize| tool_messages(&requests[i]).last().unwrap()["content"].as_str().unwrap().to_owned();
     assert!(error(1).starts_with("error: invalid arguments") && error(1).contains("/service"), "{}", error(1));
     assert!(error(2).starts_with("error: the arguments are not valid JSON"), "{}", error(2));
@@ -146,27 +132,27 @@ async fn invalid_tool_arguments_go_back_to_the_model_as_an_error() {
 #[tokio::test]
 async fn max_turns_stops_the_loop_with_a_clear_error() {
     let s = Setup::new("agent-turns").await;
-    s.model.always(Reply::tool_calls(vec![("get_alerts", json!({"service": "db"}))]));
+    s.server.always(Reply::tool_calls(vec![("get_alerts", json!({"service": "db"}))]));
     let def = s.compile(&oncall(&s.http));
     let outcome = s.engine.run(&def, json!({"service": "db"})).await.unwrap();
     assert_eq!(outcome.status, RunStatus::Failed);
     let error = outcome.error.unwrap();
     assert_eq!(error.code, "agent_max_turns");
     assert!(error.message.contains("max_turns (4)") && error.message.contains("4 tool calls"), "{}", error.message);
-    assert_eq!(s.model.count(), 4);
+    assert_eq!(s.server.count(), 4);
     s.stop().await;
 }
 
 #[tokio::test]
 async fn max_tokens_stops_the_loop() {
     let s = Setup::new("agent-tokens").await;
-    s.model.always(Reply::tool_calls(vec![("get_alerts", json!({"service": "db"}))]).usage(100, 50));
+    s.server.always(Reply::tool_calls(vec![("get_alerts", json!({"service": "db"}))]).usage(100, 50));
     let yaml = oncall(&s.http).replace("      max_turns: 4\n", "      max_turns: 4\n      max_tokens: 200\n");
     let def = s.compile(&yaml);
     let outcome = s.engine.run(&def, json!({"service": "db"})).await.unwrap();
     let error = outcome.error.unwrap();
     assert_eq!(error.code, "agent_max_tokens", "{}", error.message);
-    assert_eq!(s.model.count(), 2, "the third call would start beyond the bound");
+    assert_eq!(s.server.count(), 2, "the third call would start beyond the bound");
     s.stop().await;
 }
 
@@ -177,7 +163,7 @@ async fn the_calls_of_one_turn_run_concurrently() {
     let yaml = oncall(&s.http)
         .replace("/hit/alerts", "/hit/slow?hold_first=2")
         .replace("/hit/deploys", "/hit/slow?hold_first=2");
-    s.model.script_all([
+    s.server.script_all([
         Reply::tool_calls(vec![("get_alerts", json!({"service": "a"})), ("get_deploys", json!({"service": "b"}))]),
         Reply::text("done"),
     ]);
@@ -211,20 +197,20 @@ steps:
           workflow: page.yaml
 output: "{{ steps.agent.output.text }}"
 "#;
-    s.model.script_all([Reply::tool_calls(vec![("page", json!({"who": "ana"}))]), Reply::text("Paged ana.")]);
+    s.server.script_all([Reply::tool_calls(vec![("page", json!({"who": "ana"}))]), Reply::text("Paged ana.")]);
     let def = s.compile(yaml);
     let outcome = s.engine.run(&def, json!({})).await.unwrap();
     assert_eq!(outcome.status, RunStatus::Succeeded, "{:?}", outcome.error);
     assert_eq!(outcome.output, Some(json!("Paged ana.")));
-    let requests = s.model.requests();
+    let requests = s.server.requests();
     assert_eq!(requests[0].body["tools"][0]["function"]["parameters"]["required"], json!(["who"]));
     assert_eq!(tool_messages(&requests[1])[0]["content"], "paged ana");
     let child = s.store.run(&format!("{}/agent/tool/0", outcome.id)).await.unwrap().expect("the tool's child run");
     assert_eq!((child.workflow.as_str(), child.status), ("page", RunStatus::Succeeded));
     // A call the child's schema refuses is not run.
-    s.model.script_all([Reply::tool_calls(vec![("page", json!({}))]), Reply::text("No.")]);
+    s.server.script_all([Reply::tool_calls(vec![("page", json!({}))]), Reply::text("No.")]);
     let outcome = s.engine.run(&def, json!({})).await.unwrap();
-    let error = tool_messages(&s.model.requests()[3])[0]["content"].as_str().unwrap().to_owned();
+    let error = tool_messages(&s.server.requests()[3])[0]["content"].as_str().unwrap().to_owned();
     assert!(error.contains("invalid arguments") && error.contains("who"), "{error}");
     assert!(s.store.run(&format!("{}/agent/tool/0", outcome.id)).await.unwrap().is_none());
     s.stop().await;

@@ -45,7 +45,7 @@ impl Examples {
 
     /// With the model provider `default` on a local model server.
     async fn with_model(model: &ModelServer) -> Self {
-        Self::on(crate::llm::model_registry(model, Default::default())).await
+        Self::on(crate::support::model_registry(model, Default::default())).await
     }
 
     async fn on(registry: Registry) -> Self {

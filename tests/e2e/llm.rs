@@ -6,63 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchyard_integrations::http::ReqwestHttp;
-use switchyard_integrations::llm::{ApiKey, Limits, ProviderConfig, Providers};
+use switchyard_integrations::llm::Limits;
 use switchyard_orchestrator::compile::compile_file;
 use switchyard_orchestrator::journal::{Event, RunStatus};
+use switchyard_orchestrator::report;
 use switchyard_orchestrator::store::Store;
-use switchyard_orchestrator::{Definition, Engine, EngineOptions, report};
-use switchyard_steps::{Clock, ManualClock, Registry, SystemClock};
-use switchyard_tests::{ModelServer, Reply, TempDir, temp_dir};
+use switchyard_steps::{ManualClock, SystemClock};
+use switchyard_tests::{Reply, temp_dir};
 
-use crate::support::{drive, journal, store};
+use crate::support::{CANARY_KEY, ModelSetup, drive, journal};
 
-pub const CANARY_KEY: &str = "sk-canary-7f3a9c2e41d8b6";
-
-/// The kinds, with the provider `default` on `server`.
-pub fn model_registry(server: &ModelServer, limits: Limits) -> Registry {
-    switchyard_tests::install_crypto_provider();
-    let http = ReqwestHttp::new().expect("http client");
-    let provider = ProviderConfig {
-        name: "default".into(),
-        base_url: server.base_url(),
-        api_key: ApiKey::new(CANARY_KEY).unwrap(),
-        default_model: "test-model".into(),
-        limits,
-    };
-    let models = Providers::new(http.client(), vec![provider]);
-    switchyard_orchestrator::registry(Arc::new(http), Arc::new(models))
-}
-
-struct Setup {
-    server: ModelServer,
-    dir: TempDir,
-    store: Arc<dyn Store>,
-    engine: Engine,
-    registry: Registry,
-}
-
-impl Setup {
-    async fn new(name: &str, clock: Arc<dyn Clock>, limits: Limits) -> Self {
-        let server = ModelServer::start().await;
-        let dir = temp_dir(name);
-        let store = store(&dir).await;
-        let registry = model_registry(&server, limits);
-        let engine = Engine::start(store.clone(), registry.clone(), clock, EngineOptions::default());
-        Self { server, dir, store, engine, registry }
-    }
-
-    fn compile(&self, yaml: &str) -> Definition {
-        let path = self.dir.join("wf.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        compile_file(&path, &self.registry).unwrap_or_else(|e| panic!("does not compile:\n{e}"))
-    }
-
-    async fn stop(self) {
-        self.engine.shutdown().await;
-        self.server.stop().await;
-    }
-}
+type Setup = ModelSetup;
 
 const TRIAGE: &str = r#"
 name: triage

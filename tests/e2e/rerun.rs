@@ -7,17 +7,14 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use switchyard_integrations::llm::Limits;
-use switchyard_orchestrator::compile::compile_file;
 use switchyard_orchestrator::engine::Error as EngineError;
 use switchyard_orchestrator::journal::{Event, RunStatus};
-use switchyard_orchestrator::store::Store;
-use switchyard_orchestrator::{Definition, Engine, EngineOptions, report};
-use switchyard_steps::{Registry, SystemClock};
-use switchyard_tests::{ModelServer, Reply, TempDir, temp_dir};
+use switchyard_orchestrator::{Definition, report};
+use switchyard_steps::SystemClock;
+use switchyard_tests::{ModelServer, Reply, temp_dir};
 use tokio::process::Command;
 
-use crate::llm::model_registry;
-use crate::support::{journal, store};
+use crate::support::{ModelSetup, journal};
 
 /// Three model steps in a chain; each prompt has its own marker, so the
 /// server answers per step, and each passes the previous answer on.
@@ -51,28 +48,23 @@ fn answer_per_step(server: &ModelServer) {
     }
 }
 
-struct Setup {
-    server: ModelServer,
-    dir: TempDir,
-    store: Arc<dyn Store>,
-    engine: Engine,
-    registry: Registry,
+/// The shared model setup, with re-run helpers.
+struct Setup(ModelSetup);
+
+impl std::ops::Deref for Setup {
+    type Target = ModelSetup;
+    fn deref(&self) -> &ModelSetup {
+        &self.0
+    }
 }
 
 impl Setup {
     async fn new(name: &str) -> Self {
-        let server = ModelServer::start().await;
-        let dir = temp_dir(name);
-        let store = store(&dir).await;
-        let registry = model_registry(&server, Limits::default());
-        let engine = Engine::start(store.clone(), registry.clone(), Arc::new(SystemClock), EngineOptions::default());
-        Self { server, dir, store, engine, registry }
+        Self(ModelSetup::new(name, Arc::new(SystemClock), Limits::default()).await)
     }
 
     fn compile(&self, file: &str, yaml: &str) -> Definition {
-        let path = self.dir.join(file);
-        std::fs::write(&path, yaml).unwrap();
-        compile_file(&path, &self.registry).unwrap_or_else(|e| panic!("does not compile:\n{e}"))
+        self.0.compile_as(file, yaml)
     }
 
     /// Re-runs and waits; the new run must succeed.
@@ -88,8 +80,7 @@ impl Setup {
     }
 
     async fn stop(self) {
-        self.engine.shutdown().await;
-        self.server.stop().await;
+        self.0.stop().await;
     }
 }
 

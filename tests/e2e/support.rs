@@ -5,13 +5,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use switchyard_integrations::http::ReqwestHttp;
+use switchyard_integrations::llm::{ApiKey, Limits, ProviderConfig, Providers};
 use switchyard_orchestrator::compile::compile_file;
 use switchyard_orchestrator::journal::Event;
 use switchyard_orchestrator::store::{JournalEntry, SqliteOptions, SqliteStore, Store};
 use switchyard_orchestrator::{Definition, Engine, EngineOptions};
 use switchyard_steps::llm::NoModels;
 use switchyard_steps::{Clock, ManualClock, Registry};
-use switchyard_tests::{CounterServer, TempDir, temp_dir};
+use switchyard_tests::{CounterServer, ModelServer, TempDir, temp_dir};
 
 pub fn registry() -> Registry {
     switchyard_tests::install_crypto_provider();
@@ -90,4 +91,63 @@ impl Fixture {
 pub async fn stop(engine: Engine, server: CounterServer) {
     engine.shutdown().await;
     server.stop().await;
+}
+
+/// An API key that tests can look for where it must not be.
+pub const CANARY_KEY: &str = "sk-canary-7f3a9c2e41d8b6";
+
+/// The kinds, with the model provider `default` on `server`.
+pub fn model_registry(server: &ModelServer, limits: Limits) -> Registry {
+    switchyard_tests::install_crypto_provider();
+    let http = ReqwestHttp::new().expect("http client");
+    let provider = ProviderConfig {
+        name: "default".into(),
+        base_url: server.base_url(),
+        api_key: ApiKey::new(CANARY_KEY).unwrap(),
+        default_model: "test-model".into(),
+        limits,
+    };
+    let models = Providers::new(http.client(), vec![provider]);
+    switchyard_orchestrator::registry(Arc::new(http), Arc::new(models))
+}
+
+/// A local model server, a fresh database and an engine whose provider
+/// `default` is that server.
+pub struct ModelSetup {
+    pub server: ModelServer,
+    pub dir: TempDir,
+    pub store: Arc<dyn Store>,
+    pub engine: Engine,
+    pub registry: Registry,
+}
+
+impl ModelSetup {
+    pub async fn new(name: &str, clock: Arc<dyn Clock>, limits: Limits) -> Self {
+        let server = ModelServer::start().await;
+        let dir = temp_dir(name);
+        let store = store(&dir).await;
+        let registry = model_registry(&server, limits);
+        let engine = Engine::start(store.clone(), registry.clone(), clock, EngineOptions::default());
+        Self { server, dir, store, engine, registry }
+    }
+
+    /// Writes `yaml` to `{dir}/{file}` (for a file another one calls).
+    pub fn write(&self, file: &str, yaml: &str) {
+        std::fs::write(self.dir.join(file), yaml).expect("write workflow");
+    }
+
+    /// Writes `yaml` to `{dir}/{file}` and compiles it.
+    pub fn compile_as(&self, file: &str, yaml: &str) -> Definition {
+        self.write(file, yaml);
+        compile_file(&self.dir.join(file), &self.registry).unwrap_or_else(|e| panic!("{file} does not compile:\n{e}"))
+    }
+
+    pub fn compile(&self, yaml: &str) -> Definition {
+        self.compile_as("wf.yaml", yaml)
+    }
+
+    pub async fn stop(self) {
+        self.engine.shutdown().await;
+        self.server.stop().await;
+    }
 }

@@ -24,11 +24,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::serve::Served;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
@@ -36,9 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
 /// One request to `/hit/{name}`, as the server saw it.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,10 +81,8 @@ type Shared = Arc<watch::Sender<Log>>;
 /// Stops when dropped (without blocking) or through [`CounterServer::stop`],
 /// which also waits for the server task to finish.
 pub struct CounterServer {
-    addr: SocketAddr,
+    served: Served,
     log: Shared,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
 }
 
 impl CounterServer {
@@ -95,38 +92,25 @@ impl CounterServer {
     ///
     /// If the loopback socket cannot be bound (a broken test environment).
     pub async fn start() -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address of listener");
         let log: Shared = Arc::new(watch::Sender::new(Log::default()));
         let app = Router::new().route("/hit/{name}", any(hit)).with_state(Arc::clone(&log));
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            // A dropped sender also resolves `stopped`, so the server never
-            // outlives its handle.
-            let signal = async {
-                let _ = stopped.await;
-            };
-            let _ = axum::serve(listener, app).with_graceful_shutdown(signal).await;
-        });
-        Self { addr, log, shutdown: Some(shutdown), task: Some(task) }
+        Self { served: Served::start(app).await, log }
     }
 
     /// Shuts down gracefully, releasing held calls, and waits until the
     /// server task has finished (in-flight delays still run to completion).
     pub async fn stop(mut self) {
         self.begin_shutdown();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.served.join().await;
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.served.addr
     }
 
     /// `http://127.0.0.1:{port}{path}`; `path` should start with `/`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("http://{}{path}", self.served.addr)
     }
 
     /// All calls, in arrival order.
@@ -187,9 +171,7 @@ impl CounterServer {
 
     fn begin_shutdown(&mut self) {
         self.log.send_modify(|log| log.stopping = true);
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.served.shut_down();
     }
 }
 
@@ -202,7 +184,7 @@ impl Drop for CounterServer {
 
 impl fmt::Debug for CounterServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CounterServer").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("CounterServer").field("addr", &self.served.addr).finish_non_exhaustive()
     }
 }
 

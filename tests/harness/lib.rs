@@ -13,6 +13,7 @@
 
 mod counter;
 mod model;
+mod serve;
 mod temp;
 
 pub use counter::{Call, CounterServer};

@@ -15,10 +15,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::serve::Served;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -27,9 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
 /// Request bodies larger than this answer 413.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -250,10 +248,8 @@ type Shared = Arc<watch::Sender<Log>>;
 /// Stops when dropped (without blocking) or through [`ModelServer::stop`],
 /// which also waits for the server task to finish.
 pub struct ModelServer {
-    addr: SocketAddr,
+    served: Served,
     log: Shared,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
 }
 
 impl ModelServer {
@@ -263,8 +259,6 @@ impl ModelServer {
     ///
     /// If the loopback socket cannot be bound (a broken test environment).
     pub async fn start() -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local address of listener");
         let log: Shared = Arc::new(watch::Sender::new(Log::default()));
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -272,30 +266,19 @@ impl ModelServer {
             .fallback(not_found)
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(Arc::clone(&log));
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            // A dropped sender also resolves `stopped`, so the server never
-            // outlives its handle.
-            let signal = async {
-                let _ = stopped.await;
-            };
-            let _ = axum::serve(listener, app).with_graceful_shutdown(signal).await;
-        });
-        Self { addr, log, shutdown: Some(shutdown), task: Some(task) }
+        Self { served: Served::start(app).await, log }
     }
 
     /// Shuts down gracefully, releasing held requests, and waits until the
     /// server task has finished (in-flight delays still run to completion).
     pub async fn stop(mut self) {
         self.begin_shutdown();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.served.join().await;
     }
 
     /// The OpenAI base URL, `http://127.0.0.1:{port}/v1`.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("http://{}/v1", self.served.addr)
     }
 
     /// Queues `reply` to be played once, by the first request it matches;
@@ -371,9 +354,7 @@ impl ModelServer {
 
     fn begin_shutdown(&mut self) {
         self.log.send_modify(|log| log.stopping = true);
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
+        self.served.shut_down();
     }
 }
 
@@ -386,7 +367,7 @@ impl Drop for ModelServer {
 
 impl fmt::Debug for ModelServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ModelServer").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("ModelServer").field("addr", &self.served.addr).finish_non_exhaustive()
     }
 }
 

@@ -698,13 +698,7 @@ impl Driver {
             self.inner.clock.clone(),
             self.cancel.child_token(),
             replay,
-            Arc::new(StepOps {
-                journal: self.journal.clone(),
-                step: id.clone(),
-                attempt,
-                recorded,
-                unsent: st_unsent,
-            }),
+            Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt, recorded, unsent: st_unsent }),
         )
         .with_signals(self.signals.clone())
         .with_tokens(self.tokens.clone());
