@@ -229,6 +229,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
+        // A bad setting is bad usage: exit 2, like a bad flag.
+        Err(e) if e.is::<ConfigError>() => {
+            errln!("error: {}", printable_lines(&e.to_string()));
+            ExitCode::from(EXIT_INVALID)
+        }
         Err(e) => {
             errln!("error: {}", printable_lines(&describe(&db, &e)));
             ExitCode::FAILURE
@@ -296,12 +301,18 @@ fn check_db(db: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A setting (an environment variable) that cannot be used; the message
+/// names it, never its value when that may be a secret.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ConfigError(String);
+
 fn registry() -> Result<Registry> {
     use switchyard_integrations::llm::{ProviderConfig, Providers};
     let http = switchyard_integrations::http::ReqwestHttp::new().context("HTTP client")?;
     // The provider `default`, from the environment, until the vault holds
     // connections.
-    let default = ProviderConfig::from_env(|name| std::env::var(name).ok()).map_err(anyhow::Error::msg)?;
+    let default = ProviderConfig::from_env(|name| std::env::var(name).ok()).map_err(ConfigError)?;
     let models = Providers::new(http.client(), vec![default]);
     Ok(crate::registry(Arc::new(http), Arc::new(models)))
 }
@@ -575,7 +586,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             let entries = store.journal(run).await?;
             let mut steps = report::steps(&entries);
             if let Ok(text) = std::env::var("SWITCHYARD_LLM_PRICES") {
-                report::Prices::parse(&text).map_err(anyhow::Error::msg)?.apply(&mut steps);
+                report::Prices::parse(&text).map_err(ConfigError)?.apply(&mut steps);
             }
             let children = store.children(run).await?;
             if *json {

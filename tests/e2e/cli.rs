@@ -693,3 +693,43 @@ output: "{{ steps.summary.output.text }}"
     }
     model.stop().await;
 }
+
+/// Bad model-provider settings stop a command with exit 2 and a message
+/// that names the variable (and never quotes a key).
+#[tokio::test]
+async fn bad_provider_settings_exit_2_naming_the_variable() {
+    let dir = temp_dir("provider-env");
+    let file = dir.join("wf.yaml");
+    std::fs::write(&file, "name: t\nsteps:\n  - {id: t, kind: transform, with: {}}\n").unwrap();
+    for (var, value, expected) in [
+        ("OPENAI_BASE_URL", "not a url", "OPENAI_BASE_URL is not a URL"),
+        ("OPENAI_BASE_URL", "ftp://127.0.0.1/v1", "OPENAI_BASE_URL must be an http or https URL"),
+        ("SWITCHYARD_LLM_MAX_CONCURRENT", "0", "SWITCHYARD_LLM_MAX_CONCURRENT must be a whole number"),
+        ("SWITCHYARD_LLM_TOKENS_PER_MINUTE", "lots", "SWITCHYARD_LLM_TOKENS_PER_MINUTE must be a whole number"),
+        ("OPENAI_API_KEY", "sk-secret with space", "OPENAI_API_KEY: the API key has characters"),
+    ] {
+        let out = switchyard(&dir.join("db")).env(var, value).arg("run").arg(&file).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {stderr}");
+        assert!(stderr.contains(expected), "{var}={value}: {stderr}");
+        assert!(!stderr.contains("secret"), "{stderr}");
+    }
+    // A bad price table: `runs show` of a real run exits 2, naming it.
+    let ok = switchyard(&dir.join("db")).arg("run").arg(&file).output().await.unwrap();
+    assert!(ok.status.success());
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    let id = stderr.lines().last().and_then(|l| l.split_whitespace().nth(1)).unwrap().to_owned();
+    let show = |prices: &'static str| {
+        let mut cmd = switchyard(&dir.join("db"));
+        cmd.env("SWITCHYARD_LLM_PRICES", prices).args(["runs", "show", &id]);
+        cmd
+    };
+    let out = show(r#"{"m": {"input": -1, "output": 1}}"#).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SWITCHYARD_LLM_PRICES: m: prices are numbers of at least 0")
+    );
+    let out = show(r#"{"m": 1}"#).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(show(r#"{"m": {"input": 0.1, "output": 0.2}}"#).output().await.unwrap().status.success());
+}
