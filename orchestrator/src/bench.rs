@@ -403,7 +403,10 @@ output: "{{{{ steps.triage.output.choice }}}}"
 }
 
 /// `llm-router`: 200 runs one after another (latency, and the model server's
-/// own time per run), then 2,000 runs at once (decide steps per second),
+/// own time per run), then 2,000 runs at once of the router, of a decide
+/// alone and (for scale) of a one-step transform, then 20 runs at once of
+/// 100 decide steps side by side (decide steps per second without a run
+/// each),
 /// with the provider `default` on a zero-latency local server and no
 /// provider limit. The overhead per LLM step is the p50 run latency minus
 /// the p50 latency of the same workflow with a `switch` in place of the
@@ -479,7 +482,10 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
     let alone = alone.split("  - id: refund").next().unwrap_or_default().to_owned()
         + "output: \"{{ steps.triage.output.choice }}\"\n";
     let alone = compile_text("decide.yaml", alone, &engine)?;
-    for (what, def) in [("router", &def), ("decide_only", &alone)] {
+    // The engine alone, for scale: a one-step run whose step answers the same.
+    let bare = "name: bare\nsteps:\n  - id: triage\n    kind: transform\n    with: {choice: \"{{ 'refund' if 'refund' in input.text else 'bug' }}\"}\noutput: \"{{ steps.triage.output.choice }}\"\n";
+    let bare = compile_text("bare.yaml", bare.to_owned(), &engine)?;
+    for (what, def) in [("router", &def), ("decide_only", &alone), ("transform_only", &bare)] {
         let n = 2_000;
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -496,12 +502,51 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
         }
         let wall = start.elapsed().as_secs_f64();
         lines.push(match failed {
-            None => json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n,
-                "wall_s": round3(wall), "runs_per_s": round(n as f64 / wall),
-                "decide_steps_per_s": round(n as f64 / wall)}),
+            None => {
+                let mut line = json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n,
+                    "wall_s": round3(wall), "runs_per_s": round(n as f64 / wall)});
+                if what != "transform_only" {
+                    line["decide_steps_per_s"] = json!(round(n as f64 / wall));
+                }
+                line
+            }
             Some(e) => json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n, "error": e}),
         });
     }
+    // Decide steps without a run each: 20 runs at once, each with 100
+    // decide steps side by side (like fanout100), then a join.
+    let mut wide = String::from("name: decide_fanout\nsteps:\n");
+    for j in 0..100 {
+        wide.push_str(&format!(
+            "  - {{id: d{j}, kind: decide, with: {{prompt: \"{{{{ input.text }}}} {j}\", choices: {{refund: Money back., bug: Broken.}}}}}}\n"
+        ));
+    }
+    let needs: Vec<String> = (0..100).map(|j| format!("d{j}")).collect();
+    wide.push_str(&format!(
+        "  - {{id: join, kind: transform, needs: [{}], with: {{n: 100}}}}\noutput: \"{{{{ steps.d0.output.choice }}}}\"\n",
+        needs.join(", ")
+    ));
+    let wide = compile_text("decide-fanout.yaml", wide, &engine)?;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (engine, def) = (engine.clone(), wide.clone());
+        tasks.spawn(async move { one(&engine, &def, json!({"text": "refund me"}), &json!("refund")).await });
+    }
+    let mut failed = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.context("run task").and_then(|r| r) {
+            failed.get_or_insert(e.to_string());
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    lines.push(match failed {
+        None => json!({"workload": "llm-router", "metric": "throughput", "workflow": "decide_fanout", "n": 20,
+            "decide_steps": 2000, "wall_s": round3(wall), "decide_steps_per_s": round(2000.0 / wall)}),
+        Some(e) => {
+            json!({"workload": "llm-router", "metric": "throughput", "workflow": "decide_fanout", "n": 20, "error": e})
+        }
+    });
     engine.shutdown().await;
     let _ = server.stop.send(());
     Ok(lines)
