@@ -179,7 +179,8 @@ impl Provider {
 
     pub async fn chat(&self, request: ChatRequest) -> Result<ChatResponse, LlmError> {
         let model = request.model.clone().unwrap_or_else(|| self.config.default_model.clone());
-        let estimate = estimate_tokens(&request);
+        let input = input_estimate(&request);
+        let estimate = input + u64::from(request.max_tokens.unwrap_or(256));
         // Queue for the limits; the timeout counts from the first byte sent.
         let _permit = self.gate.acquire(fair_key(&request.caller)).await;
         let slot = self.admit(estimate).await;
@@ -195,7 +196,7 @@ impl Provider {
         let (body, mode) = match result {
             Ok(ok) => ok,
             Err(e) => {
-                self.settle(slot, estimate.min(input_estimate(&request)));
+                self.settle(slot, input);
                 return Err(self.scrub(e));
             }
         };
@@ -264,7 +265,7 @@ impl Provider {
                 window.expire(now);
                 let requests_ok = rpm.is_none_or(|rpm| window.entries.len() < rpm as usize);
                 // A request larger than the whole budget goes alone.
-                let tokens_ok = tpm.is_none_or(|tpm| window.entries.is_empty() || window.tokens() + tokens <= tpm);
+                let tokens_ok = tpm.is_none_or(|tpm| window.entries.is_empty() || window.tokens + tokens <= tpm);
                 if requests_ok && tokens_ok {
                     return window.push(now, tokens);
                 }
@@ -279,10 +280,7 @@ impl Provider {
         if slot == 0 {
             return;
         }
-        let mut window = self.window.lock().expect("window");
-        if let Some(entry) = window.entries.iter_mut().find(|e| e.slot == slot) {
-            entry.tokens = tokens;
-        }
+        self.window.lock().expect("window").settle(slot, tokens);
     }
 
     /// Takes the API key out of a message a server may have echoed it in.
@@ -332,11 +330,6 @@ fn fair_key(caller: &str) -> String {
 fn input_estimate(request: &ChatRequest) -> u64 {
     let chars: usize = request.messages.iter().map(|m| m.content.as_deref().map_or(0, str::len) + 8).sum();
     (chars / 4 + 1) as u64
-}
-
-/// What a request may use: its input plus the answer it may get.
-fn estimate_tokens(request: &ChatRequest) -> u64 {
-    input_estimate(request) + u64::from(request.max_tokens.unwrap_or(256))
 }
 
 /// The chat-completions request body.
@@ -663,8 +656,11 @@ const MINUTE: Duration = Duration::from_secs(60);
 /// Requests of the last minute, for the per-minute limits.
 #[derive(Default)]
 struct Window {
+    /// In slot order (slots only grow).
     entries: VecDeque<Entry>,
     next_slot: u64,
+    /// The sum of the entries' tokens.
+    tokens: u64,
 }
 
 struct Entry {
@@ -675,19 +671,26 @@ struct Entry {
 
 impl Window {
     fn expire(&mut self, now: Instant) {
-        while self.entries.front().is_some_and(|e| e.at + MINUTE <= now) {
+        while let Some(e) = self.entries.front().filter(|e| e.at + MINUTE <= now) {
+            self.tokens -= e.tokens;
             self.entries.pop_front();
         }
     }
 
-    fn tokens(&self) -> u64 {
-        self.entries.iter().map(|e| e.tokens).sum()
-    }
-
     fn push(&mut self, at: Instant, tokens: u64) -> u64 {
         self.next_slot += 1;
+        self.tokens += tokens;
         self.entries.push_back(Entry { slot: self.next_slot, at, tokens });
         self.next_slot
+    }
+
+    /// Replaces the tokens of `slot`, if it is still in the window.
+    fn settle(&mut self, slot: u64, tokens: u64) {
+        if let Ok(i) = self.entries.binary_search_by_key(&slot, |e| e.slot) {
+            let entry = &mut self.entries[i];
+            self.tokens = self.tokens - entry.tokens + tokens;
+            entry.tokens = tokens;
+        }
     }
 }
 

@@ -95,18 +95,28 @@ async fn throughput(engine: &Engine, def: &Definition, n: usize) -> Result<Durat
     for _ in 0..WARMUP {
         one(engine, def, json!({"i": 0}), &expect).await?;
     }
+    burst(engine, def, (0..n).map(|_| (json!({"i": 0}), expect.clone()))).await
+}
+
+/// Starts a run of `def` for every `(input, expected result)` at once and
+/// waits for all of them: the wall time, or the first failure.
+async fn burst(engine: &Engine, def: &Definition, runs: impl Iterator<Item = (Value, Value)>) -> Result<Duration> {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..n {
-        let engine = engine.clone();
-        let def = def.clone();
-        let expect = expect.clone();
-        tasks.spawn(async move { one(&engine, &def, json!({"i": 0}), &expect).await });
+    for (input, expect) in runs {
+        let (engine, def) = (engine.clone(), def.clone());
+        tasks.spawn(async move { one(&engine, &def, input, &expect).await });
     }
+    let mut failed = None;
     while let Some(r) = tasks.join_next().await {
-        r.context("run task")??;
+        if let Err(e) = r.context("run task").and_then(|r| r) {
+            failed.get_or_insert(e);
+        }
     }
-    Ok(start.elapsed())
+    match failed {
+        None => Ok(start.elapsed()),
+        Some(e) => Err(e),
+    }
 }
 
 /// Two decimals (three for seconds), for readable JSON.
@@ -487,22 +497,13 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
     let bare = compile_text("bare.yaml", bare.to_owned(), &engine)?;
     for (what, def) in [("router", &def), ("decide_only", &alone), ("transform_only", &bare)] {
         let n = 2_000;
-        let start = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..n {
-            let (engine, def) = (engine.clone(), def.clone());
+        let runs = (0..n).map(|i| {
             let (text, expect) = if i % 2 == 0 { ("refund me", "refund") } else { ("it crashes", "bug") };
-            tasks.spawn(async move { one(&engine, &def, json!({"text": text}), &json!(expect)).await });
-        }
-        let mut failed = None;
-        while let Some(r) = tasks.join_next().await {
-            if let Err(e) = r.context("run task").and_then(|r| r) {
-                failed.get_or_insert(e.to_string());
-            }
-        }
-        let wall = start.elapsed().as_secs_f64();
-        lines.push(match failed {
-            None => {
+            (json!({"text": text}), json!(expect))
+        });
+        lines.push(match burst(&engine, def, runs).await {
+            Ok(wall) => {
+                let wall = wall.as_secs_f64();
                 let mut line = json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n,
                     "wall_s": round3(wall), "runs_per_s": round(n as f64 / wall)});
                 if what != "transform_only" {
@@ -510,7 +511,9 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
                 }
                 line
             }
-            Some(e) => json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n, "error": e}),
+            Err(e) => {
+                json!({"workload": "llm-router", "metric": "throughput", "workflow": what, "n": n, "error": e.to_string()})
+            }
         });
     }
     // Decide steps without a run each: 20 runs at once, each with 100
@@ -527,25 +530,12 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
         needs.join(", ")
     ));
     let wide = compile_text("decide-fanout.yaml", wide, &engine)?;
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..20 {
-        let (engine, def) = (engine.clone(), wide.clone());
-        tasks.spawn(async move { one(&engine, &def, json!({"text": "refund me"}), &json!("refund")).await });
-    }
-    let mut failed = None;
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r.context("run task").and_then(|r| r) {
-            failed.get_or_insert(e.to_string());
-        }
-    }
-    let wall = start.elapsed().as_secs_f64();
-    lines.push(match failed {
-        None => json!({"workload": "llm-router", "metric": "throughput", "workflow": "decide_fanout", "n": 20,
+    let runs = (0..20).map(|_| (json!({"text": "refund me"}), json!("refund")));
+    lines.push(match burst(&engine, &wide, runs).await.map(|wall| wall.as_secs_f64()) {
+        Ok(wall) => json!({"workload": "llm-router", "metric": "throughput", "workflow": "decide_fanout", "n": 20,
             "decide_steps": 2000, "wall_s": round3(wall), "decide_steps_per_s": round(2000.0 / wall)}),
-        Some(e) => {
-            json!({"workload": "llm-router", "metric": "throughput", "workflow": "decide_fanout", "n": 20, "error": e})
-        }
+        Err(e) => json!({"workload": "llm-router", "metric": "throughput", "workflow": "decide_fanout", "n": 20,
+            "error": e.to_string()}),
     });
     engine.shutdown().await;
     let _ = server.stop.send(());

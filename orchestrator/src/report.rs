@@ -69,17 +69,16 @@ fn is_zero<N: Default + PartialEq>(n: &N) -> bool {
 impl LlmUse {
     /// Adds one journaled `llm_call` operation; `reused`: it came with a
     /// step reused from an earlier run.
+    /// Adds the `llm_call` op `value`.
     fn add(&mut self, value: &Value, reused: bool) {
-        if value.get("outcome").and_then(Value::as_str) != Some("answered") {
+        let Some(usage) = switchyard_steps::llm::usage_of_op(switchyard_steps::llm::CALL_OP, value) else {
             // A wait a reused step went through was not this run's.
             if !reused {
                 self.unavailable += 1;
             }
             return;
-        }
-        let usage = &value["usage"];
-        let (input, output) =
-            (usage["input_tokens"].as_u64().unwrap_or(0), usage["output_tokens"].as_u64().unwrap_or(0));
+        };
+        let (input, output) = (usage.input_tokens, usage.output_tokens);
         if reused {
             self.reused += 1;
             self.reused_input_tokens += input;

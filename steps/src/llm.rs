@@ -202,12 +202,19 @@ pub enum CallOutcome {
     },
 }
 
-/// The tokens a journaled op used, if it is a model call.
-pub fn tokens_of_op(name: &str, value: &Value) -> u64 {
-    if name != CALL_OP {
-        return 0;
+/// The usage of a journaled op that is an answered model call (read from
+/// the JSON as journaled, without decoding the whole answer); `None` for
+/// any other op, and for a call that failed.
+pub fn usage_of_op(name: &str, value: &Value) -> Option<Usage> {
+    if name != CALL_OP || value.get("outcome").and_then(Value::as_str) != Some("answered") {
+        return None;
     }
     let usage = &value["usage"];
     let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
-    n("input_tokens").saturating_add(n("output_tokens"))
+    Some(Usage { input_tokens: n("input_tokens"), output_tokens: n("output_tokens") })
+}
+
+/// The tokens a journaled op used, if it is a model call.
+pub fn tokens_of_op(name: &str, value: &Value) -> u64 {
+    usage_of_op(name, value).map_or(0, |u| u.total())
 }

@@ -345,11 +345,8 @@ impl ModelServer {
         self.log.send_modify(|log| log.released = true);
     }
 
-    async fn wait_until(&self, mut done: impl FnMut(&Log) -> bool) {
-        let mut changes = self.log.subscribe();
-        // `wait_for` checks the current state first, then after every change.
-        // It only errs when the sender is gone, and `self` owns the sender.
-        let _ = changes.wait_for(|log| done(log)).await;
+    async fn wait_until(&self, done: impl FnMut(&Log) -> bool) {
+        crate::serve::wait_until(&self.log, done).await;
     }
 
     fn begin_shutdown(&mut self) {

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use axum::Router;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// A router being served; stopped by [`Served::shut_down`] then
@@ -50,4 +50,12 @@ impl Served {
             let _ = task.await;
         }
     }
+}
+
+/// Resolves once `done` holds for the server's state: checked now, then on
+/// every change, so a test waits for an event instead of sleeping.
+pub(crate) async fn wait_until<T>(state: &watch::Sender<T>, mut done: impl FnMut(&T) -> bool) {
+    let mut changes = state.subscribe();
+    // It only errs when the sender is gone, and the caller holds it.
+    let _ = changes.wait_for(|s| done(s)).await;
 }

@@ -193,13 +193,7 @@ impl Step for Agent {
             specs.push(ToolSpec { name: tool.name.clone(), description: tool.description.clone(), parameters });
             tools.insert(tool.name.clone(), (tool.clone(), Arc::new(validator)));
         }
-        let output = match &config.output_schema {
-            Some(schema) => Some(
-                jsonschema::validator_for(schema)
-                    .map_err(|e| fatal(format!("with.output_schema: invalid JSON Schema: {e}")))?,
-            ),
-            None => None,
-        };
+        let output = model::validator(config.output_schema.as_ref(), "output_schema")?;
         let options = Options {
             provider: config.provider.clone(),
             model: config.model.clone(),
@@ -208,20 +202,12 @@ impl Step for Agent {
             seed: config.seed,
             timeout: config.timeout,
         };
-        let mut messages = Vec::new();
-        let mut system = config.system.clone().unwrap_or_default();
-        if let Some(schema) = &config.output_schema {
-            if !system.is_empty() {
-                system.push_str("\n\n");
-            }
-            system.push_str(&format!(
-                "When you are done, answer with only a JSON value that follows this JSON Schema:\n{schema}"
-            ));
-        }
-        if !system.is_empty() {
-            messages.push(Message::system(system));
-        }
-        messages.push(Message::user(config.prompt.clone()));
+        let messages = model::opening(
+            config.system.as_deref(),
+            config.output_schema.as_ref(),
+            "When you are done, answer",
+            &config.prompt,
+        );
         let mut request = options.request(messages);
         request.tools = specs;
 
@@ -251,12 +237,9 @@ impl Step for Agent {
                 let Some(validator) = &output else {
                     return Ok(done("text", Value::String(content), turn, tool_calls, &calls));
                 };
-                let problem = match model::parse_json(&content) {
-                    Ok(value) => match model::schema_errors(validator, &value) {
-                        None => return Ok(done("json", value, turn, tool_calls, &calls)),
-                        Some(errors) => format!("it does not match the schema: {errors}"),
-                    },
-                    Err(e) => e,
+                let problem = match model::checked_json(validator, &content) {
+                    Ok(value) => return Ok(done("json", value, turn, tool_calls, &calls)),
+                    Err(problem) => problem,
                 };
                 if repairs >= config.max_repairs.min(model::MAX_REPAIRS) {
                     return Err(StepError::fatal(
@@ -266,9 +249,7 @@ impl Step for Agent {
                     .into());
                 }
                 repairs += 1;
-                request.messages.push(Message::user(format!(
-                    "That answer is not valid: {problem}. Answer again with only the corrected JSON."
-                )));
+                request.messages.push(model::repair(&problem));
                 continue;
             }
             let outcomes = self.call_tools(ctx, &tools, &response.tool_calls, tool_calls).await?;

@@ -73,25 +73,9 @@ impl Step for Llm {
             seed: config.seed,
             timeout: config.timeout,
         };
-        let validator = match &config.output_schema {
-            Some(schema) => Some(
-                jsonschema::validator_for(schema)
-                    .map_err(|e| StepError::fatal("config", format!("with.output_schema: invalid JSON Schema: {e}")))?,
-            ),
-            None => None,
-        };
-        let mut messages = Vec::new();
-        let mut system = config.system.clone().unwrap_or_default();
-        if let Some(schema) = &config.output_schema {
-            if !system.is_empty() {
-                system.push_str("\n\n");
-            }
-            system.push_str(&format!("Answer with only a JSON value that follows this JSON Schema:\n{schema}"));
-        }
-        if !system.is_empty() {
-            messages.push(Message::system(system));
-        }
-        messages.push(Message::user(config.prompt.clone()));
+        let validator = model::validator(config.output_schema.as_ref(), "output_schema")?;
+        let messages =
+            model::opening(config.system.as_deref(), config.output_schema.as_ref(), "Answer", &config.prompt);
         let mut request = options.request(messages);
         request.answer_schema =
             config.output_schema.clone().map(|schema| AnswerSchema { name: "answer".to_owned(), schema });
@@ -110,17 +94,12 @@ impl Step for Llm {
         for _ in 0..=config.max_repairs.min(model::MAX_REPAIRS) {
             let response = model::call(ctx, &self.model, &request, &mut calls).await?;
             let content = response.content.clone().unwrap_or_default();
-            let problem = match model::parse_json(&content) {
-                Ok(value) => match model::schema_errors(&validator, &value) {
-                    None => return Ok(output("json", value, &response.finish_reason, &calls)),
-                    Some(errors) => format!("it does not match the schema: {errors}"),
-                },
-                Err(e) => e,
+            let problem = match model::checked_json(&validator, &content) {
+                Ok(value) => return Ok(output("json", value, &response.finish_reason, &calls)),
+                Err(problem) => problem,
             };
             request.messages.push(Message::assistant(&response));
-            request.messages.push(Message::user(format!(
-                "That answer is not valid: {problem}. Answer again with only the corrected JSON."
-            )));
+            request.messages.push(model::repair(&problem));
             last = Some((problem, content));
         }
         let (problem, content) = last.expect("at least one call");

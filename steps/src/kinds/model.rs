@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::llm::{CALL_OP, CallOutcome, ChatRequest, ChatResponse, LanguageModel, LlmError, Usage};
+use crate::llm::{CALL_OP, CallOutcome, ChatRequest, ChatResponse, LanguageModel, LlmError, Message, Usage};
 use crate::{StepContext, StepError, StepResult};
 
 /// Model calls tried per call before the step fails (retryable, so the
@@ -161,6 +161,50 @@ pub(crate) fn schema_errors(validator: &jsonschema::Validator, value: &Value) ->
     if errors.is_empty() { None } else { Some(errors.join("; ")) }
 }
 
+/// The validator of the schema at `with.{field}`, if there is one.
+pub(crate) fn validator(schema: Option<&Value>, field: &str) -> StepResult<Option<jsonschema::Validator>> {
+    schema
+        .map(|schema| {
+            jsonschema::validator_for(schema)
+                .map_err(|e| StepError::fatal("config", format!("with.{field}: invalid JSON Schema: {e}")).into())
+        })
+        .transpose()
+}
+
+/// A JSON answer that matches `validator`, or what is wrong with it (for
+/// the re-ask and the final error).
+pub(crate) fn checked_json(validator: &jsonschema::Validator, content: &str) -> Result<Value, String> {
+    let value = parse_json(content)?;
+    match schema_errors(validator, &value) {
+        None => Ok(value),
+        Some(errors) => Err(format!("it does not match the schema: {errors}")),
+    }
+}
+
+/// The re-ask after an answer that `checked_json` refused.
+pub(crate) fn repair(problem: &str) -> Message {
+    Message::user(format!("That answer is not valid: {problem}. Answer again with only the corrected JSON."))
+}
+
+/// The opening turns: the system message (the step's own, then, with an
+/// output schema, how to answer: `{lead} with only a JSON value that
+/// follows this JSON Schema`), if any, and the prompt.
+pub(crate) fn opening(system: Option<&str>, schema: Option<&Value>, lead: &str, prompt: &str) -> Vec<Message> {
+    let mut text = system.unwrap_or_default().to_owned();
+    if let Some(schema) = schema {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        text.push_str(&format!("{lead} with only a JSON value that follows this JSON Schema:\n{schema}"));
+    }
+    let mut messages = Vec::with_capacity(2);
+    if !text.is_empty() {
+        messages.push(Message::system(text));
+    }
+    messages.push(Message::user(prompt));
+    messages
+}
+
 /// `text` cut to [`QUOTE`] bytes for an error message.
 pub(crate) fn quote(text: &str) -> String {
     if text.len() <= QUOTE {
@@ -184,7 +228,7 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    pub fn request(&self, messages: Vec<crate::llm::Message>) -> ChatRequest {
+    pub fn request(&self, messages: Vec<Message>) -> ChatRequest {
         ChatRequest {
             provider: self.provider.clone(),
             model: self.model.clone(),
