@@ -480,10 +480,11 @@ fn arguments_text(function: &Value) -> String {
     }
 }
 
-/// A failed exchange, sorted.
+/// A failed exchange, sorted. `Refused` is not worth another try.
 enum Failure {
     Status { status: u16, retry_after: Option<Duration>, message: String },
     Transport { message: String },
+    Refused { message: String },
     Other { message: String },
 }
 
@@ -494,6 +495,8 @@ impl From<OpenAIError> for Failure {
                 Ok(status) => {
                     Failure::Status { status: status.status, retry_after: status.retry_after, message: status.message }
                 }
+                // Retrying cannot shrink an answer.
+                Err(other) if other.is::<TooLarge>() => Failure::Refused { message: other.to_string() },
                 Err(other) => Failure::Transport { message: other.to_string() },
             },
             OpenAIError::Reqwest(e) => {
@@ -541,6 +544,7 @@ impl Failure {
             Failure::Transport { message } => {
                 LlmError::Unavailable { message: format!("provider {provider}: {message}"), retry_after: None }
             }
+            Failure::Refused { message } => LlmError::Rejected(format!("provider {provider}: {message}")),
             Failure::Other { message } => LlmError::Malformed(format!("provider {provider}: {message}")),
         }
     }

@@ -403,3 +403,18 @@ async fn lenient_decoding_accepts_what_compatible_servers_send() {
     assert!(output["usage"]["input_tokens"].as_u64().unwrap() > 0, "estimated: {output}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_answer_fails_the_step_without_asking_again() {
+    let s = Setup::new("llm-huge", Arc::new(SystemClock), Limits::default()).await;
+    let huge = "x".repeat(9 * 1024 * 1024);
+    s.server.always(Reply::raw(json!({"choices": [{"message": {"role": "assistant", "content": huge}}]})));
+    let def = s.compile("name: one\nsteps:\n  - id: ask\n    kind: llm\n    with: {prompt: hi}\n");
+    let outcome = s.engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    let error = outcome.error.unwrap();
+    assert_eq!(error.code, "llm_rejected", "{}", error.message);
+    assert!(error.message.contains("exceeds 8388608 bytes"), "{}", error.message);
+    assert_eq!(s.server.count(), 1);
+    s.stop().await;
+}
