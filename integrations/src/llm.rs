@@ -83,6 +83,9 @@ pub struct ProviderConfig {
     /// Used by steps that name no model.
     pub default_model: String,
     pub limits: Limits,
+    /// What kind of server it is (`openai`, `ollama`, `vllm`, ...), for
+    /// telemetry's `gen_ai.provider.name`.
+    pub system: String,
 }
 
 impl ProviderConfig {
@@ -116,12 +119,27 @@ impl ProviderConfig {
             requests_per_minute: number("SWITCHYARD_LLM_REQUESTS_PER_MINUTE")?.map(|n| n.min(u32::MAX as u64) as u32),
             tokens_per_minute: number("SWITCHYARD_LLM_TOKENS_PER_MINUTE")?,
         };
+        let system = match var("SWITCHYARD_LLM_PROVIDER").map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()) {
+            None => "openai".to_owned(),
+            Some(v)
+                if v.len() <= 32
+                    && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b)) =>
+            {
+                v
+            }
+            Some(_) => {
+                return Err(
+                    "SWITCHYARD_LLM_PROVIDER must be a short lower-case name such as openai, ollama or vllm".to_owned()
+                );
+            }
+        };
         Ok(Self {
             name: "default".to_owned(),
             base_url: base_url.trim().trim_end_matches('/').to_owned(),
             api_key,
             default_model: default_model.unwrap_or_else(|| "gpt-4o-mini".to_owned()).trim().to_owned(),
             limits,
+            system,
         })
     }
 }
@@ -160,6 +178,8 @@ pub struct Provider {
     /// The [`StructuredMode`] this server accepts, as learnt (starts at
     /// `json_schema`).
     structured: AtomicU8,
+    /// `host:port` of the base URL (telemetry's `server.address`).
+    server: String,
 }
 
 impl Provider {
@@ -168,7 +188,12 @@ impl Provider {
         // `build`, not `with_config`: that would make (and load the root
         // certificates of) a second reqwest client.
         let client = async_openai::Client::build(http.clone(), openai).with_http_service(Exchange { client: http });
+        let server = reqwest::Url::parse(&config.base_url)
+            .ok()
+            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
+            .unwrap_or_default();
         Self {
+            server,
             gate: Gate::new(config.limits.max_concurrent),
             window: Mutex::new(Window::default()),
             structured: AtomicU8::new(0),
@@ -200,8 +225,10 @@ impl Provider {
                 return Err(self.scrub(e));
             }
         };
-        let response =
+        let mut response =
             read_completion(&body, &model, &self.config.name, &request, mode, latency_ms).map_err(|e| self.scrub(e))?;
+        response.system = self.config.system.clone();
+        response.server = self.server.clone();
         self.settle(slot, response.usage.total());
         Ok(response)
     }
@@ -218,6 +245,12 @@ impl Provider {
             } else {
                 chat.header("Idempotency-Key", request.idempotency_key.as_str())
                     .map_err(|e| LlmError::Rejected(format!("idempotency key: {e}")))?
+            };
+            let chat = match &request.traceparent {
+                Some(tp) => chat
+                    .header("traceparent", tp.as_str())
+                    .map_err(|e| LlmError::Rejected(format!("traceparent: {e}")))?,
+                None => chat,
             };
             match chat.create_byot::<Value, Value>(body).await {
                 Ok(answer) => return Ok((answer, mode)),
@@ -468,6 +501,9 @@ fn read_completion(
         usage_estimated,
         structured,
         latency_ms,
+        system: String::new(),
+        server: String::new(),
+        request_model: model.to_owned(),
     })
 }
 
@@ -834,6 +870,7 @@ mod tests {
             api_key: ApiKey::default(),
             default_model: "m".into(),
             limits: Limits { max_concurrent: None, requests_per_minute: Some(2), tokens_per_minute: Some(1000) },
+            system: "openai".to_owned(),
         };
         crate::install_crypto_provider();
         let provider = Provider::new(reqwest::Client::new(), config);
@@ -891,6 +928,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             caller: String::new(),
             idempotency_key: String::new(),
+            traceparent: None,
         };
         // No `object`, an unknown finish reason, null content with calls, no usage.
         let body = json!({"choices": [{"message": {"content": null, "tool_calls": [

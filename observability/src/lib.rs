@@ -1,32 +1,114 @@
-//! Switchyard observability: one place that sets up telemetry.
+//! Switchyard observability: logs, spans and metrics.
 //!
-//! [`init`] installs a `tracing` subscriber that writes key=value logs to
-//! stderr, filtered by `SWITCHYARD_LOG` (same syntax as `RUST_LOG`, default
-//! `warn`). Lines are coloured only when stderr is a terminal and
-//! `NO_COLOR` is unset or empty. A line that cannot be written (stderr
-//! closed or full) is dropped. OpenTelemetry export plugs in here.
+//! [`init`] installs a `tracing` subscriber that writes logs to stderr,
+//! filtered by `SWITCHYARD_LOG` (same syntax as `RUST_LOG`, default `warn`):
+//! key=value text, or JSON lines with `SWITCHYARD_LOG_FORMAT=json`. Text is
+//! coloured only when stderr is a terminal and `NO_COLOR` is unset or empty.
+//! A line that cannot be written (stderr closed or full) is dropped.
+//!
+//! [`Telemetry`] exports spans (built by the engine from its journal) and
+//! metrics over OTLP, configured by the standard `OTEL_*` variables.
 
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+pub mod metrics;
+pub mod semconv;
+mod spans;
+
+pub use metrics::{Metrics, ModelCall};
+pub use spans::{Attr, CAPTURE_CONTENT_ENV, Kind, Span, SpanContext, Telemetry, derived_span_id, hex};
+
 /// The environment variable holding the log filter.
 pub const LOG_ENV: &str = "SWITCHYARD_LOG";
+/// `text` (default) or `json`.
+pub const LOG_FORMAT_ENV: &str = "SWITCHYARD_LOG_FORMAT";
+
+/// A telemetry setting that cannot be used; names the variable, never its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name}: {problem}")]
+pub struct ConfigError {
+    pub name: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(name: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { name: name.into(), problem: problem.into() }
+    }
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    HttpProtobuf,
+    #[cfg(feature = "grpc")]
+    Grpc,
+}
+
+/// The endpoint of a signal (`TRACES`, `METRICS`): its own variable as
+/// given, or `OTEL_EXPORTER_OTLP_ENDPOINT` with the signal's path (for
+/// http/protobuf; gRPC takes the base as it is).
+pub(crate) fn endpoint(env: &dyn Fn(&str) -> Option<String>, signal: &str, path: &str) -> Option<String> {
+    if let Some(own) = env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")) {
+        return Some(own.trim().to_owned());
+    }
+    let base = env("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+    let grpc = protocol(env, &format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
+        .ok()
+        .is_some_and(|p| p != Protocol::HttpProtobuf);
+    let base = base.trim().trim_end_matches('/');
+    Some(if grpc { base.to_owned() } else { format!("{base}/{path}") })
+}
+
+/// The protocol from `signal_var` or `OTEL_EXPORTER_OTLP_PROTOCOL`
+/// (default `http/protobuf`).
+pub(crate) fn protocol(env: &dyn Fn(&str) -> Option<String>, signal_var: &str) -> Result<Protocol, ConfigError> {
+    let (name, value) = match env(signal_var).filter(|v| !v.trim().is_empty()) {
+        Some(v) => (signal_var, v),
+        None => match env("OTEL_EXPORTER_OTLP_PROTOCOL").filter(|v| !v.trim().is_empty()) {
+            Some(v) => ("OTEL_EXPORTER_OTLP_PROTOCOL", v),
+            None => return Ok(Protocol::HttpProtobuf),
+        },
+    };
+    match value.trim() {
+        "http/protobuf" => Ok(Protocol::HttpProtobuf),
+        #[cfg(feature = "grpc")]
+        "grpc" => Ok(Protocol::Grpc),
+        #[cfg(not(feature = "grpc"))]
+        "grpc" => Err(ConfigError::new(
+            name,
+            "this build has no gRPC export (build with `--features grpc`); use http/protobuf",
+        )),
+        _ => Err(ConfigError::new(name, "must be http/protobuf or grpc")),
+    }
+}
 
 /// Installs the global subscriber. Safe to call more than once (later calls
-/// do nothing).
-pub fn init() {
+/// do nothing). An unknown `SWITCHYARD_LOG_FORMAT` is an error.
+pub fn init() -> Result<(), ConfigError> {
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new("warn"));
-    let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
-    let _ = tracing_subscriber::fmt()
+    let json = match std::env::var(LOG_FORMAT_ENV).ok().as_deref().map(str::trim) {
+        None | Some("") | Some("text") => false,
+        Some("json") => true,
+        Some(_) => return Err(ConfigError::new(LOG_FORMAT_ENV, "must be text or json")),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(ansi)
         .with_target(false)
         // Its fallback for a failed write is `eprintln!`, which panics when
         // stderr is closed or full: a log line that cannot be written is lost.
-        .log_internal_errors(false)
-        .try_init();
+        .log_internal_errors(false);
+    if json {
+        // Span fields (a run's `run_id`, `trace_id`, `span_id`) go on each line.
+        let _ = builder.json().with_current_span(true).with_span_list(false).try_init();
+    } else {
+        let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
+        let _ = builder.with_ansi(ansi).try_init();
+    }
+    Ok(())
 }
 
 /// Colour on a terminal, unless `NO_COLOR` is set to a non-empty value

@@ -439,6 +439,7 @@ async fn llm_router_inner(base: &Engine) -> Result<Vec<Value>> {
         api_key: ApiKey::new("sk-bench").map_err(anyhow::Error::msg)?,
         default_model: "bench".into(),
         limits: Limits::default(),
+        system: "openai".to_owned(),
     };
     let models = Providers::new(http.client(), vec![provider]);
     let registry = crate::registry(Arc::new(http), Arc::new(models));

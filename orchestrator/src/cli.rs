@@ -1,11 +1,13 @@
 //! The `switchyard` command line.
 
+use axum::response::IntoResponse as _;
 use std::fmt;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_observability::{SpanContext, Telemetry};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -118,6 +120,18 @@ fn parse_status(s: &str) -> Result<RunStatus, String> {
     RunStatus::parse(s).ok_or_else(|| "use queued, running, waiting, succeeded, failed or cancelled".to_owned())
 }
 
+fn parse_traceparent(s: &str) -> Result<SpanContext, String> {
+    SpanContext::parse(s)
+}
+
+/// The process's telemetry, set once in `main` (from the `OTEL_*`
+/// variables) before the runtime starts.
+static TELEMETRY: std::sync::OnceLock<Telemetry> = std::sync::OnceLock::new();
+
+fn telemetry() -> Telemetry {
+    TELEMETRY.get().cloned().unwrap_or_default()
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     switchyard_steps::duration::parse(s)
 }
@@ -139,6 +153,10 @@ enum Command {
         /// the same key reports the first run instead of starting another.
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// The caller's W3C trace context (`00-<trace id>-<span id>-<flags>`):
+        /// the run's trace hangs under that span.
+        #[arg(long, value_parser = parse_traceparent)]
+        traceparent: Option<SpanContext>,
     },
     /// Inspect and steer runs.
     Runs {
@@ -159,6 +177,9 @@ enum Command {
         /// Exit once no unfinished run is left.
         #[arg(long)]
         exit_when_idle: bool,
+        /// Serve metrics as Prometheus text at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Run the benchmark workloads (chain40, fanout100); prints JSON lines.
     Bench {
@@ -216,8 +237,25 @@ fn actor() -> String {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    switchyard_observability::init();
+    if let Err(e) = switchyard_observability::init() {
+        errln!("error: {e}");
+        return ExitCode::from(EXIT_INVALID);
+    }
     switchyard_integrations::install_crypto_provider();
+    // Only commands that run workflows report telemetry.
+    let runs_work = matches!(cli.command, Command::Run { .. } | Command::Worker { .. } | Command::Runs { .. });
+    if runs_work {
+        let prometheus = matches!(cli.command, Command::Worker { metrics_listen: Some(_), .. });
+        match Telemetry::from_env(prometheus) {
+            Ok(t) => {
+                let _ = TELEMETRY.set(t);
+            }
+            Err(e) => {
+                errln!("error: {}", printable_lines(&e.to_string()));
+                return ExitCode::from(EXIT_INVALID);
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -226,7 +264,12 @@ pub fn main() -> ExitCode {
         }
     };
     let db = cli.db.clone();
-    match runtime.block_on(execute(cli)) {
+    let result = runtime.block_on(execute(cli));
+    // Outside the runtime: the exporters' blocking clients need it so.
+    // Spans still queued get a few seconds to reach the receiver.
+    drop(runtime);
+    telemetry().shutdown(Duration::from_secs(5));
+    match result {
         Ok(code) => code,
         Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         // A bad setting is bad usage: exit 2, like a bad flag.
@@ -325,7 +368,21 @@ async fn open_store(cli: &Cli) -> Result<Arc<dyn Store>> {
 }
 
 fn engine(cli: &Cli, store: Arc<dyn Store>, registry: Registry, worker: bool) -> Engine {
-    let options = EngineOptions { max_concurrent_runs: cli.max_runs, lease: cli.lease, worker, ..Default::default() };
+    let telemetry = telemetry();
+    // A bad price table is reported by `runs show`; the cost metric then
+    // stays empty.
+    let prices = match (telemetry.metrics(), std::env::var("SWITCHYARD_LLM_PRICES")) {
+        (Some(_), Ok(text)) => report::Prices::parse(&text).unwrap_or_default(),
+        _ => report::Prices::default(),
+    };
+    let options = EngineOptions {
+        max_concurrent_runs: cli.max_runs,
+        lease: cli.lease,
+        worker,
+        telemetry,
+        prices: Arc::new(prices),
+        ..Default::default()
+    };
     Engine::start(store, registry, Arc::new(SystemClock), options)
 }
 
@@ -359,7 +416,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if failed { ExitCode::from(EXIT_INVALID) } else { ExitCode::SUCCESS })
         }
-        Command::Run { file, input, idempotency_key } => {
+        Command::Run { file, input, idempotency_key, traceparent } => {
             let registry = registry()?;
             let def = match compile::compile_file(file, &registry) {
                 Ok(def) => def,
@@ -379,10 +436,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             };
             let store = open_store(&cli).await?;
             let engine = engine(&cli, store, registry, false);
-            let submitted = match idempotency_key {
-                Some(key) => engine.submit_once(&def, input, key).await,
-                None => engine.submit(&def, input).await.map(|id| Submitted { id, created: true }),
-            };
+            let submitted = engine.submit_traced(&def, input, idempotency_key.as_deref(), traceparent.as_ref()).await;
             let id = match submitted {
                 Ok(Submitted { id, created: true }) => {
                     errln!("run {id} started ({} v{})", printable(def.workflow.name()), def.workflow.version());
@@ -460,9 +514,13 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Worker { exit_when_idle } => {
+        Command::Worker { exit_when_idle, metrics_listen } => {
             let store = open_store(&cli).await?;
             let engine = engine(&cli, store, registry()?, true);
+            let _metrics = match metrics_listen {
+                Some(addr) => Some(serve_metrics(*addr).await?),
+                None => None,
+            };
             errln!("worker started (database {})", printable(&cli.db));
             loop {
                 tokio::select! {
@@ -492,6 +550,39 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
             crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Serves `GET /metrics` (Prometheus text) on `addr` until the returned
+/// guard is dropped.
+async fn serve_metrics(addr: std::net::SocketAddr) -> Result<MetricsServer> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
+    let local = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async {
+            match telemetry().metrics().and_then(|m| m.prometheus_text()) {
+                Some(text) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+                    .into_response(),
+                None => axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::warn!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    errln!("metrics at http://{local}/metrics");
+    Ok(MetricsServer(task))
+}
+
+/// Stops the metrics endpoint when dropped.
+struct MetricsServer(tokio::task::JoinHandle<()>);
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

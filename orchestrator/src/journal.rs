@@ -13,6 +13,10 @@ pub enum Event {
         workflow: String,
         version: u32,
         input: Value,
+        /// The caller's W3C `traceparent`, when the trigger gave one: the
+        /// run's trace hangs under it, in every process that drives it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trace: Option<String>,
     },
     StepStarted {
         step: String,
@@ -25,6 +29,9 @@ pub enum Event {
         index: u32,
         name: String,
         value: Value,
+        /// When the operation ended (unix ms); journals before it had none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<i64>,
     },
     StepSucceeded {
         step: String,
@@ -229,7 +236,13 @@ mod tests {
     #[test]
     fn tags_match_the_serialized_form() {
         let events = [
-            Event::RunStarted { workflow: "w".into(), version: 1, input: json!({}) },
+            Event::RunStarted { workflow: "w".into(), version: 1, input: json!({}), trace: None },
+            Event::RunStarted {
+                workflow: "w".into(),
+                version: 1,
+                input: json!({}),
+                trace: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+            },
             Event::StepFailed {
                 step: "s".into(),
                 attempt: 1,

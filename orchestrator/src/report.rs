@@ -722,7 +722,17 @@ mod tests {
         let journal = [
             at(1, Event::StepReused { step: "a".into(), from_run: "r0".into(), output: json!({}), ops: vec![reused] }),
             at(2, started("b", 1)),
-            at(3, Event::StepOp { step: "b".into(), attempt: 1, index: 0, name: "llm_call".into(), value: call(5, 2) }),
+            at(
+                3,
+                Event::StepOp {
+                    step: "b".into(),
+                    attempt: 1,
+                    index: 0,
+                    name: "llm_call".into(),
+                    value: call(5, 2),
+                    at: None,
+                },
+            ),
             at(4, Event::StepSucceeded { step: "b".into(), attempt: 1, output: json!({}) }),
         ];
         let mut steps = steps(&journal);

@@ -80,6 +80,7 @@ pub struct StepContext {
     signals: Signals,
     tokens: Arc<TokenMeter>,
     workflows: Option<Arc<dyn Workflows>>,
+    traceparent: Option<String>,
 }
 
 /// Child workflows a step may run (the workflow tools of an `agent`); the
@@ -157,7 +158,19 @@ impl StepContext {
             signals: Signals::default(),
             tokens: Arc::default(),
             workflows: None,
+            traceparent: None,
         }
+    }
+
+    /// The W3C `traceparent` of this attempt's span, when the run is traced:
+    /// outbound requests carry it.
+    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
+    pub fn traceparent(&self) -> Option<&str> {
+        self.traceparent.as_deref()
     }
 
     /// The child workflows this step may run (the engine sets them for an

@@ -102,6 +102,8 @@ pub struct ChatRequest {
     pub caller: String,
     /// Sent as `Idempotency-Key` (stable across a crash and a replay).
     pub idempotency_key: String,
+    /// The W3C `traceparent` to send, when the run is traced.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +150,16 @@ pub struct ChatResponse {
     pub structured: Option<StructuredMode>,
     /// Time on the wire (queueing for limits excluded).
     pub latency_ms: u64,
+    /// What kind of server the provider is (`openai`, `ollama`, `vllm`):
+    /// telemetry's `gen_ai.provider.name`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub system: String,
+    /// The server's `host:port`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub server: String,
+    /// The model asked for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_model: String,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

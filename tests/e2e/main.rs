@@ -13,3 +13,4 @@ mod recovery;
 mod rerun;
 mod signals;
 mod support;
+mod telemetry;

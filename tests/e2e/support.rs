@@ -106,6 +106,7 @@ pub fn model_registry(server: &ModelServer, limits: Limits) -> Registry {
         api_key: ApiKey::new(CANARY_KEY).unwrap(),
         default_model: "test-model".into(),
         limits,
+        system: "openai".to_owned(),
     };
     let models = Providers::new(http.client(), vec![provider]);
     switchyard_orchestrator::registry(Arc::new(http), Arc::new(models))
@@ -123,11 +124,15 @@ pub struct ModelSetup {
 
 impl ModelSetup {
     pub async fn new(name: &str, clock: Arc<dyn Clock>, limits: Limits) -> Self {
+        Self::with_options(name, clock, limits, EngineOptions::default()).await
+    }
+
+    pub async fn with_options(name: &str, clock: Arc<dyn Clock>, limits: Limits, options: EngineOptions) -> Self {
         let server = ModelServer::start().await;
         let dir = temp_dir(name);
         let store = store(&dir).await;
         let registry = model_registry(&server, limits);
-        let engine = Engine::start(store.clone(), registry.clone(), clock, EngineOptions::default());
+        let engine = Engine::start(store.clone(), registry.clone(), clock, options);
         Self { server, dir, store, engine, registry }
     }
 

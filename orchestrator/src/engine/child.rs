@@ -26,6 +26,8 @@ pub(crate) struct Parent {
     pub fence: Fence,
     /// Changes when a signal may have arrived in the root's tree.
     pub nudge: watch::Receiver<u64>,
+    /// The span of the parent's attempt (child runs' spans hang under it).
+    pub span: Option<switchyard_observability::SpanContext>,
 }
 
 fn engine_error(e: impl std::fmt::Display) -> Stop {
@@ -81,7 +83,8 @@ async fn drive_child(
                 lease: None,
                 idempotency_key: None,
             };
-            let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
+            let started =
+                Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input, trace: None };
             let now = inner.clock.now_ms();
             let write =
                 Write::Create { fence: Some(parent.fence.clone()), run, events: vec![Encoded::new(now, &started)] };
@@ -104,6 +107,7 @@ async fn drive_child(
         fence: parent.fence.clone(),
         cancelled_by: Arc::default(),
         nudge: parent.nudge.clone(),
+        trace: super::telemetry::TraceParent::Child(parent.span),
     };
     let driver = match created {
         Some(entries) => Driver::from_journal(inner.clone(), run, wf.clone(), cancel, &entries),

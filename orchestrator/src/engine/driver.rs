@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::Inner;
 use super::child;
 use super::journal_handle::{RunJournal, StepOps};
+use super::telemetry::{RunTelemetry, TraceParent};
 use super::writer::CommitError;
 use crate::expr::ValueTemplate;
 use crate::journal::{Event, RunStatus};
@@ -159,6 +160,8 @@ pub(crate) struct RunRef {
     pub cancelled_by: Arc<Mutex<Option<String>>>,
     /// Changes when a signal may have arrived for the run's tree.
     pub nudge: watch::Receiver<u64>,
+    /// Where its spans hang.
+    pub trace: TraceParent,
 }
 
 pub(crate) struct Driver {
@@ -218,7 +221,7 @@ impl Driver {
         cancel: CancellationToken,
         entries: &[JournalEntry],
     ) -> Result<Self, DriveError> {
-        let RunRef { id: run_id, is_root, definition, fence, cancelled_by, nudge } = run;
+        let RunRef { id: run_id, is_root, definition, fence, cancelled_by, nudge, trace } = run;
         let run_id = run_id.as_str();
         let mut input = Value::Null;
         // One state each: `vec![x; n]` would clone one `ops` Arc into all.
@@ -316,7 +319,10 @@ impl Driver {
         }
         let tokens = Arc::new(TokenMeter::new(wf.llm_tokens(), tokens_used));
         let next_seq = entries.last().map(|e| e.seq + 1).unwrap_or(0);
-        let journal = RunJournal::new(run_id.to_owned(), fence, next_seq, inner.writer.clone(), inner.clock.clone());
+        let telemetry =
+            RunTelemetry::fold(&inner.options.telemetry, &inner.options.prices, &wf, run_id, trace, entries);
+        let journal =
+            RunJournal::new(run_id.to_owned(), fence, next_seq, inner.writer.clone(), inner.clock.clone(), telemetry);
         Ok(Self {
             input_view: expr::from_json(&input),
             run_view: expr::from_json(&json!({ "id": run_id })),
@@ -686,6 +692,7 @@ impl Driver {
         st.woken = false;
         st.interrupted = false;
         let attempt = st.attempt;
+        let span = self.journal.telemetry().and_then(|t| t.attempt_context(&id, attempt));
         let replay = st.ops.lock().expect("ops").clone();
         let recorded = st.ops.clone();
         let st_unsent = st.unsent.clone();
@@ -701,9 +708,15 @@ impl Driver {
             Arc::new(StepOps { journal: self.journal.clone(), step: id.clone(), attempt, recorded, unsent: st_unsent }),
         )
         .with_signals(self.signals.clone())
-        .with_tokens(self.tokens.clone());
-        let work = match self.prepare(i, &ctx_value) {
-            Ok(work) => work,
+        .with_tokens(self.tokens.clone())
+        .with_traceparent(span.map(|s| s.traceparent()));
+        let work = match self.prepare(i, &ctx_value, span) {
+            Ok(work) => {
+                if !waking && let (Some(mut t), Work::Action { with, .. }) = (self.journal.telemetry(), &work) {
+                    t.started(&id, attempt, with);
+                }
+                work
+            }
             Err(error) => {
                 // Rendering failed: the attempt fails without running.
                 self.launches.push(Box::pin(async move { (i, attempt, Err(Stop::Error(error))) }));
@@ -744,19 +757,24 @@ impl Driver {
         }));
     }
 
-    fn prepare(&self, i: usize, ctx: &MjValue) -> Result<Work, StepError> {
+    fn prepare(
+        &self,
+        i: usize,
+        ctx: &MjValue,
+        span: Option<switchyard_observability::SpanContext>,
+    ) -> Result<Work, StepError> {
         let render_err = |e: expr::EvalError| StepError::fatal("expression", e.0);
         let wf = &self.wf;
         Ok(match &wf.steps[i].kind {
             StepKind::Action { step, with, tools } => Work::Action {
                 step: step.clone(),
                 with: wf.templates.render(with, ctx).map_err(render_err)?,
-                tools: tools.clone().map(|tools| (tools, self.child_parent())),
+                tools: tools.clone().map(|tools| (tools, self.child_parent(span))),
             },
             StepKind::Call { child, input } => Work::Call {
                 child: child.clone(),
                 input: wf.templates.render(input, ctx).map_err(render_err)?,
-                parent: self.child_parent(),
+                parent: self.child_parent(span),
             },
             StepKind::Map { items, concurrency, input, child } => {
                 let items = match wf.templates.render(items, ctx).map_err(render_err)? {
@@ -788,7 +806,7 @@ impl Driver {
                     items,
                     inputs,
                     concurrency: *concurrency,
-                    parent: self.child_parent(),
+                    parent: self.child_parent(span),
                 }
             }
             StepKind::Switch { .. } => {
@@ -797,12 +815,13 @@ impl Driver {
         })
     }
 
-    fn child_parent(&self) -> child::Parent {
+    fn child_parent(&self, span: Option<switchyard_observability::SpanContext>) -> child::Parent {
         child::Parent {
             run: self.run_id.clone(),
             definition: self.definition.clone(),
             fence: self.journal.fence().clone(),
             nudge: self.nudge.clone(),
+            span,
         }
     }
 

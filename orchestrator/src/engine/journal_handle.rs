@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 use switchyard_steps::{Clock, OpSink, RecordedOp, StepError};
 
+use super::telemetry::RunTelemetry;
 use super::writer::{Ack, CommitError, Writer, wait};
 use crate::journal::{Encoded, Event};
 use crate::store::{Fence, RunUpdate, Write};
@@ -18,18 +19,45 @@ pub(crate) struct RunJournal {
     clock: Arc<dyn Clock>,
     /// Next sequence number; the lock also keeps sends in order.
     next_seq: Mutex<i64>,
+    /// Spans and metrics, fed with what is committed (`None`: nothing is
+    /// reported for this run).
+    telemetry: Option<Mutex<Box<RunTelemetry>>>,
 }
 
 impl RunJournal {
-    pub fn new(run: String, fence: Fence, next_seq: i64, writer: Writer, clock: Arc<dyn Clock>) -> Arc<Self> {
-        Arc::new(Self { run, fence, writer, clock, next_seq: Mutex::new(next_seq) })
+    pub fn new(
+        run: String,
+        fence: Fence,
+        next_seq: i64,
+        writer: Writer,
+        clock: Arc<dyn Clock>,
+        telemetry: Option<Box<RunTelemetry>>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            run,
+            fence,
+            writer,
+            clock,
+            next_seq: Mutex::new(next_seq),
+            telemetry: telemetry.map(Mutex::new),
+        })
+    }
+
+    /// The run's telemetry, if anything is reported for it.
+    pub fn telemetry(&self) -> Option<std::sync::MutexGuard<'_, Box<RunTelemetry>>> {
+        self.telemetry.as_ref().map(|t| t.lock().expect("telemetry"))
+    }
+
+    /// The clock journal times come from.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     pub fn fence(&self) -> &Fence {
         &self.fence
     }
 
-    async fn send(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Ack {
+    async fn send(&self, events: &[Event], update: Option<RunUpdate>) -> (Ack, i64) {
         // Room first (the queue is bounded), then number and send without an
         // await in between, so sequence numbers reach the writer in order.
         let slot = self.writer.reserve().await;
@@ -37,18 +65,25 @@ impl RunJournal {
         let mut next_seq = self.next_seq.lock().expect("journal lock");
         let first_seq = *next_seq;
         *next_seq += events.len() as i64;
-        slot.send(Write::Append {
+        let ack = slot.send(Write::Append {
             fence: self.fence.clone(),
             run: self.run.clone(),
             first_seq,
-            events: Encoded::all(now, &events),
+            events: Encoded::all(now, events),
             update,
-        })
+        });
+        (ack, now)
     }
 
-    /// Appends and waits until committed.
+    /// Appends and waits until committed; then the run's telemetry sees
+    /// the events (what did not commit is not reported).
     pub async fn commit(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Result<(), CommitError> {
-        wait(self.send(events, update).await).await
+        let (ack, at) = self.send(&events, update).await;
+        wait(ack).await?;
+        if let Some(mut t) = self.telemetry() {
+            t.committed(at, &events);
+        }
+        Ok(())
     }
 }
 
@@ -76,6 +111,7 @@ impl OpSink for StepOps {
             index,
             name: name.to_owned(),
             value: value.clone(),
+            at: Some(self.journal.now_ms()),
         };
         self.unsent.lock().expect("unsent ops").push(event);
         self.recorded.lock().expect("ops").push(RecordedOp { index, name: name.to_owned(), value: value.clone() });

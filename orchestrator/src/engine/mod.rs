@@ -12,6 +12,7 @@ mod child;
 mod driver;
 mod journal_handle;
 mod rerun;
+mod telemetry;
 mod writer;
 
 use std::collections::{BTreeSet, HashMap};
@@ -44,6 +45,10 @@ pub struct EngineOptions {
     pub park_after: Duration,
     /// Pick up unfinished runs from the store (the `worker` command).
     pub worker: bool,
+    /// Where spans and metrics go (default: nowhere).
+    pub telemetry: switchyard_observability::Telemetry,
+    /// Model prices, for the cost metric.
+    pub prices: Arc<crate::report::Prices>,
 }
 
 impl Default for EngineOptions {
@@ -54,6 +59,8 @@ impl Default for EngineOptions {
             poll_interval: Duration::from_secs(1),
             park_after: Duration::from_secs(5),
             worker: false,
+            telemetry: switchyard_observability::Telemetry::disabled(),
+            prices: Arc::default(),
         }
     }
 }
@@ -210,7 +217,7 @@ pub struct Engine {
 impl Engine {
     pub fn start(store: Arc<dyn Store>, registry: Registry, clock: Arc<dyn Clock>, options: EngineOptions) -> Self {
         let node = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple());
-        let writer = Writer::start(store.clone(), node.clone(), clock.clone());
+        let writer = Writer::start(store.clone(), node.clone(), clock.clone(), options.telemetry.metrics().cloned());
         let inner = Arc::new(Inner {
             global: Arc::new(Semaphore::new(options.max_concurrent_runs.max(1))),
             store,
@@ -244,7 +251,25 @@ impl Engine {
 
     /// Starts a run and returns its id once the start is durable.
     pub async fn submit(&self, def: &Definition, input: Value) -> Result<String> {
-        Ok(self.create_run(def, input, None, Vec::new()).await?.id)
+        Ok(self.create_run(def, input, None, Vec::new(), None).await?.id)
+    }
+
+    /// Starts a run (once per `key`, if given; see [`Engine::submit_once`])
+    /// whose trace hangs under the caller's span `traceparent` (W3C).
+    pub async fn submit_traced(
+        &self,
+        def: &Definition,
+        input: Value,
+        key: Option<&str>,
+        traceparent: Option<&switchyard_observability::SpanContext>,
+    ) -> Result<Submitted> {
+        if let Some(key) = key
+            && let Some(existing) = self.existing(def, key).await?
+        {
+            return Ok(existing);
+        }
+        let trace = traceparent.map(|t| t.traceparent());
+        self.create_run(def, input, key.map(str::to_owned), Vec::new(), trace).await
     }
 
     /// Starts a run unless one was already started with `key` (a retried
@@ -253,7 +278,7 @@ impl Engine {
         if let Some(existing) = self.existing(def, key).await? {
             return Ok(existing);
         }
-        self.create_run(def, input, Some(key.to_owned()), Vec::new()).await
+        self.create_run(def, input, Some(key.to_owned()), Vec::new(), None).await
     }
 
     async fn existing(&self, def: &Definition, key: &str) -> Result<Option<Submitted>> {
@@ -276,6 +301,7 @@ impl Engine {
         input: Value,
         key: Option<String>,
         reused: Vec<Event>,
+        trace: Option<String>,
     ) -> Result<Submitted> {
         def.workflow.check_input(&input).map_err(Error::InvalidInput)?;
         crate::limits::check(&input).map_err(|why| Error::InvalidInput(vec![format!("input: {why}")]))?;
@@ -298,7 +324,7 @@ impl Engine {
             lease: Some(inner.options.lease),
             idempotency_key: key.clone(),
         };
-        let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input };
+        let started = Event::RunStarted { workflow: wf.name().to_owned(), version: wf.version(), input, trace };
         let events: Vec<Event> = std::iter::once(started).chain(reused).collect();
         let encoded = Encoded::all(now, &events);
         let journal: Vec<JournalEntry> =
@@ -310,6 +336,9 @@ impl Engine {
         {
             // Two submits with one key raced; the store kept the other one.
             return Ok(Submitted { id: winner.id, created: false });
+        }
+        if let Some(m) = inner.options.telemetry.metrics() {
+            m.run_started(wf.name());
         }
         dispatch(
             inner,
@@ -711,6 +740,31 @@ impl Inner {
         }
     }
 
+    /// Sets a metrics gauge, if metrics are on.
+    fn gauge(&self, which: fn(&switchyard_observability::metrics::Gauges) -> &std::sync::atomic::AtomicU64, v: u64) {
+        if let Some(m) = self.options.telemetry.metrics() {
+            which(m.gauges()).store(v, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn gauge_add(
+        &self,
+        which: fn(&switchyard_observability::metrics::Gauges) -> &std::sync::atomic::AtomicU64,
+        d: i64,
+    ) {
+        if let Some(m) = self.options.telemetry.metrics() {
+            let g = which(m.gauges());
+            if d >= 0 {
+                g.fetch_add(d as u64, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                let _ =
+                    g.fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(d.unsigned_abs()))
+                    });
+            }
+        }
+    }
+
     fn add_timer(&self, at: i64, id: String) {
         if self.timers.lock().expect("timers").insert(at, id) {
             self.timer_changed.notify_one();
@@ -764,6 +818,7 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
             id.clone(),
             Active { cancel: token.clone(), cancelled_by: cancelled_by.clone(), abort: None, nudge: nudge_tx },
         );
+        inner.gauge(|g| &g.active, active.len() as u64);
     }
     let task_inner = inner.clone();
     let task_id = id.clone();
@@ -782,10 +837,12 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
             };
             (global, per_workflow)
         };
+        inner.gauge_add(|g| &g.queued, 1);
         let (global, per_workflow) = tokio::select! {
             p = permits => (Some(p.0), p.1),
             _ = token.cancelled() => (None, None),
         };
+        inner.gauge_add(|g| &g.queued, -1);
         let run = RunRef {
             id: id.clone(),
             is_root: true,
@@ -793,6 +850,7 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
             fence: fence.clone(),
             cancelled_by,
             nudge,
+            trace: telemetry::TraceParent::Root,
         };
         let drive = async {
             let driver = match journal {
@@ -811,7 +869,11 @@ fn dispatch(inner: &Arc<Inner>, id: String, claim: Claim, def: Arc<Definition>, 
             }
         };
         drop((global, per_workflow));
-        inner.active.lock().expect("active").remove(&id);
+        {
+            let mut active = inner.active.lock().expect("active");
+            active.remove(&id);
+            inner.gauge(|g| &g.active, active.len() as u64);
+        }
         match result {
             Ok(Outcome::Finished { status, output, error }) => {
                 inner.notify(&id, Ok(RunOutcome { id: id.clone(), status, output, error, wake_at: None }));
@@ -995,6 +1057,11 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
     }
     if !inner.options.worker {
         return Ok(());
+    }
+    if inner.options.telemetry.metrics().is_some() {
+        // Parked runs, for the gauge: a bounded look.
+        let parked = inner.store.runs(Some(RunStatus::Waiting), true, 100_000).await?;
+        inner.gauge(|g| &g.parked, parked.iter().filter(|r| r.owner.is_none()).count() as u64);
     }
     // Runs parked by any process wake here on time; the soonest first, so
     // many far-off ones cannot hide a near one.

@@ -41,7 +41,7 @@ impl Engine {
         };
         let journal = inner.store.journal(from_run).await?;
         let reused = reused_steps(&original.workflow, &journal, &def.workflow, from, from_run);
-        Ok(self.create_run(def, record.input.clone(), None, reused).await?.id)
+        Ok(self.create_run(def, record.input.clone(), None, reused, None).await?.id)
     }
 }
 
@@ -128,7 +128,7 @@ mod tests {
     }
 
     fn op(step: &str, attempt: u32, index: u32) -> Event {
-        Event::StepOp { step: step.into(), attempt, index, name: "llm_call".into(), value: json!(attempt) }
+        Event::StepOp { step: step.into(), attempt, index, name: "llm_call".into(), value: json!(attempt), at: None }
     }
 
     fn succeeded(step: &str, attempt: u32) -> Event {

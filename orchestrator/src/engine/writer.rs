@@ -9,6 +9,8 @@ use std::time::Duration;
 use switchyard_steps::Clock;
 use tokio::sync::{mpsc, oneshot};
 
+use switchyard_observability::Metrics;
+
 use crate::store::{self, Store, Write};
 
 /// Most writes in one transaction.
@@ -68,9 +70,9 @@ fn stopped() -> CommitError {
 }
 
 impl Writer {
-    pub fn start(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>) -> Self {
+    pub fn start(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, metrics: Option<Arc<Metrics>>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, node, clock, rx));
+        tokio::spawn(run(store, node, clock, metrics, rx));
         Self { tx }
     }
 
@@ -89,7 +91,13 @@ pub(crate) async fn wait(ack: Ack) -> Result<(), CommitError> {
     ack.await.unwrap_or_else(|_| Err(stopped()))
 }
 
-async fn run(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, mut rx: mpsc::Receiver<Request>) {
+async fn run(
+    store: Arc<dyn Store>,
+    node: String,
+    clock: Arc<dyn Clock>,
+    metrics: Option<Arc<Metrics>>,
+    mut rx: mpsc::Receiver<Request>,
+) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -100,7 +108,11 @@ async fn run(store: Arc<dyn Store>, node: String, clock: Arc<dyn Clock>, mut rx:
             }
         }
         let (writes, acks): (Vec<Write>, Vec<_>) = batch.drain(..).map(|r| (r.write, r.ack)).unzip();
+        let started = std::time::Instant::now();
         let results = commit_batch(store.as_ref(), &node, clock.as_ref(), &writes).await;
+        if let Some(m) = &metrics {
+            m.committed(writes.len(), started.elapsed().as_secs_f64());
+        }
         for (ack, result) in acks.into_iter().zip(results) {
             let _ = ack.send(result);
         }

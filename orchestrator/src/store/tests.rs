@@ -74,7 +74,7 @@ fn new_run(id: &str, owner: &str) -> NewRun {
 }
 
 fn started() -> Vec<Encoded> {
-    vec![Encoded::new(10, &Event::RunStarted { workflow: "w".into(), version: 1, input: json!({"n": 1}) })]
+    vec![Encoded::new(10, &Event::RunStarted { workflow: "w".into(), version: 1, input: json!({"n": 1}), trace: None })]
 }
 
 fn step(seq: i64, fence: Fence, run: &str) -> Write {

@@ -296,6 +296,7 @@ impl Agent {
             ctx.commit_ops().await?;
         }
         let base_key = ctx.idempotency_key().to_owned();
+        let traceparent = ctx.traceparent().map(str::to_owned);
         let workflows = ctx.workflows().cloned();
         let cancel = ctx.cancel_token();
         let pending = asked[start..].iter().enumerate().map(|(k, call)| {
@@ -306,6 +307,7 @@ impl Agent {
             let known: Vec<&str> = tools.keys().map(String::as_str).collect();
             let unknown = format!("unknown tool {:?}; the tools are: {}", call.name, known.join(", "));
             let (http, workflows, cancel) = (Arc::clone(&self.http), workflows.clone(), cancel.clone());
+            let traceparent = traceparent.clone();
             async move {
                 if too_many {
                     return Ok(Err(format!("not run: at most {MAX_CALLS_PER_TURN} tool calls are run in one turn")));
@@ -329,7 +331,7 @@ impl Agent {
                     _ => return Ok(Err("the arguments must be an object".to_owned())),
                 };
                 match (&tool.http, &tool.workflow) {
-                    (Some(h), _) => Ok(http_tool(&*http, h, args, &key).await),
+                    (Some(h), _) => Ok(http_tool(&*http, h, args, &key, traceparent.as_deref()).await),
                     (None, Some(_)) => {
                         let Some(workflows) = workflows else {
                             return Err(Stop::Error(StepError::fatal("engine", "workflow tools need the engine")));
@@ -388,10 +390,21 @@ fn unbound(mut schema: Value, bind: &Map<String, Value>) -> Value {
 /// The journaled operation name of a tool call.
 const TOOL_OP: &str = "tool_call";
 
-async fn http_tool(http: &dyn HttpClient, tool: &HttpTool, args: Value, key: &str) -> Result<Value, String> {
+async fn http_tool(
+    http: &dyn HttpClient,
+    tool: &HttpTool,
+    args: Value,
+    key: &str,
+    traceparent: Option<&str>,
+) -> Result<Value, String> {
     let method = tool.method.to_ascii_uppercase();
     let mut headers: Vec<(String, String)> = tool.headers.clone().into_iter().collect();
     headers.push(("Idempotency-Key".to_owned(), key.to_owned()));
+    if let Some(tp) = traceparent
+        && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+    {
+        headers.push(("traceparent".to_owned(), tp.to_owned()));
+    }
     let (query, body) = if matches!(method.as_str(), "GET" | "DELETE") {
         let query = match args {
             Value::Object(map) => map

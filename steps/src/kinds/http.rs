@@ -96,6 +96,11 @@ impl Step for Http {
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("idempotency-key")) {
             headers.push(("Idempotency-Key".to_owned(), ctx.idempotency_key().to_owned()));
         }
+        if let Some(tp) = ctx.traceparent()
+            && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
+        {
+            headers.push(("traceparent".to_owned(), tp.to_owned()));
+        }
         let body = match (config.json, config.body) {
             (Some(json), _) => Some(HttpBody::Json(json)),
             (None, Some(text)) => Some(HttpBody::Text(text)),

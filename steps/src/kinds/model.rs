@@ -72,6 +72,7 @@ pub(crate) async fn call(
         let model = Arc::clone(model);
         let mut request = request.clone();
         request.caller = ctx.run_id().to_owned();
+        request.traceparent = ctx.traceparent().map(str::to_owned);
         let outcome = ctx
             .journaled_keyed(CALL_OP, |key| async move {
                 request.idempotency_key = key;
@@ -241,6 +242,7 @@ impl Options {
             timeout: self.timeout,
             caller: String::new(),
             idempotency_key: String::new(),
+            traceparent: None,
         }
     }
 }

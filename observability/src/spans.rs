@@ -1,0 +1,647 @@
+//! Span export: the engine builds finished spans from its journal and hands
+//! them to [`Telemetry::emit`], which queues them for a background thread
+//! that exports batches over OTLP.
+//!
+//! Export never blocks or fails a run: the queue is bounded, a span that
+//! finds it full is dropped and counted ([`Telemetry::dropped_spans`]), and
+//! so is every span of a batch the receiver did not take.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::{
+    SpanContext as OtelContext, SpanId as OtelSpanId, SpanKind, Status, TraceContextExt, TraceFlags,
+    TraceId as OtelTraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, Value as OtelValue};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample, SpanData, SpanEvents, SpanExporter, SpanLinks};
+
+use crate::ConfigError;
+
+/// A W3C trace context: the trace and the span that is the parent of what
+/// comes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SpanContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+}
+
+impl SpanContext {
+    /// The `traceparent` header value (version 00).
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), u8::from(self.sampled))
+    }
+
+    /// Parses a `traceparent` value (version 00; later versions are read
+    /// as 00, as the W3C spec asks). The all-zero ids are invalid.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        let value = value.trim();
+        let parts: Vec<&str> = value.split('-').collect();
+        let invalid = || format!("{value:?} is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)");
+        if parts.len() < 4 || (parts[0] == "00" && parts.len() != 4) || parts[0].len() != 2 || parts[0] == "ff" {
+            return Err(invalid());
+        }
+        let version = unhex::<1>(parts[0]).ok_or_else(invalid)?;
+        let trace_id = unhex::<16>(parts[1]).ok_or_else(invalid)?;
+        let span_id = unhex::<8>(parts[2]).ok_or_else(invalid)?;
+        let flags = unhex::<1>(parts[3]).ok_or_else(invalid)?;
+        if version[0] == 0xff || trace_id == [0; 16] || span_id == [0; 8] {
+            return Err(invalid());
+        }
+        Ok(Self { trace_id, span_id, sampled: flags[0] & 1 == 1 })
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A span id derived from `parts`: the same parts give the same id in every
+/// process, so a span started by one process can be ended, or parented, by
+/// the next one after a crash.
+pub fn derived_span_id(trace_id: &[u8; 16], parts: &[&str]) -> [u8; 8] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(trace_id);
+    for part in parts {
+        ctx.update(&(part.len() as u64).to_le_bytes());
+        ctx.update(part.as_bytes());
+    }
+    let digest = ctx.finish();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest.as_ref()[..8]);
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Internal,
+    Client,
+}
+
+/// An attribute value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attr {
+    Str(String),
+    Int(i64),
+    F64(f64),
+    Bool(bool),
+    Strs(Vec<String>),
+}
+
+impl From<&str> for Attr {
+    fn from(s: &str) -> Self {
+        Attr::Str(s.to_owned())
+    }
+}
+impl From<String> for Attr {
+    fn from(s: String) -> Self {
+        Attr::Str(s)
+    }
+}
+impl From<i64> for Attr {
+    fn from(n: i64) -> Self {
+        Attr::Int(n)
+    }
+}
+impl From<u32> for Attr {
+    fn from(n: u32) -> Self {
+        Attr::Int(n.into())
+    }
+}
+impl From<u64> for Attr {
+    fn from(n: u64) -> Self {
+        Attr::Int(n.min(i64::MAX as u64) as i64)
+    }
+}
+impl From<f64> for Attr {
+    fn from(n: f64) -> Self {
+        Attr::F64(n)
+    }
+}
+impl From<bool> for Attr {
+    fn from(b: bool) -> Self {
+        Attr::Bool(b)
+    }
+}
+
+/// A finished span, as the engine reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Span {
+    pub context: SpanContext,
+    pub parent: Option<[u8; 8]>,
+    /// The parent is in another process (the caller of `--traceparent`).
+    pub parent_remote: bool,
+    pub kind: Kind,
+    pub name: String,
+    /// Unix milliseconds.
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub attributes: Vec<(&'static str, Attr)>,
+    /// `Some(description)`: the span's status is error.
+    pub error: Option<String>,
+    pub links: Vec<SpanContext>,
+}
+
+/// Environment variable that puts content (prompts, answers, step inputs
+/// and outputs) on spans.
+pub const CAPTURE_CONTENT_ENV: &str = "SWITCHYARD_OTEL_CAPTURE_CONTENT";
+
+/// Spans queued at most; more are dropped (counted).
+const DEFAULT_QUEUE: usize = 2048;
+/// Spans sent in one export at most.
+const DEFAULT_BATCH: usize = 512;
+/// How long a span waits for its batch to fill.
+const DEFAULT_DELAY: Duration = Duration::from_secs(1);
+
+/// The process's telemetry: where spans go and what they may hold. Cheap
+/// to clone; [`Telemetry::disabled`] costs nothing.
+#[derive(Clone, Default)]
+pub struct Telemetry {
+    spans: Option<Arc<Spans>>,
+    capture_content: bool,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("tracing", &self.spans.is_some())
+            .field("capture_content", &self.capture_content)
+            .field("metrics", &self.metrics.is_some())
+            .finish()
+    }
+}
+
+struct Spans {
+    queue: SyncSender<Msg>,
+    sampler: Box<dyn ShouldSample>,
+    dropped: Arc<AtomicU64>,
+    exported: Arc<AtomicU64>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+enum Msg {
+    Span(Box<SpanData>),
+    Flush(SyncSender<()>),
+}
+
+impl Telemetry {
+    /// No export, no content: what runs get when nothing is configured.
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// From the standard OpenTelemetry variables: spans are exported when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set,
+    /// unless `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
+    /// Call it outside an async context (it may start the exporter's
+    /// threads).
+    /// `prometheus`: also keep metrics to serve as Prometheus text.
+    pub fn from_env(prometheus: bool) -> Result<Self, ConfigError> {
+        Self::from_vars(|k| std::env::var(k).ok(), prometheus)
+    }
+
+    /// [`Telemetry::from_env`] with the variables read through `var`
+    /// (headers, timeouts, the resource and the sampler still come from the
+    /// process environment, read by the SDK).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>, prometheus: bool) -> Result<Self, ConfigError> {
+        let env = |k: &str| var(k).filter(|v| !v.trim().is_empty());
+        let capture_content = match env(CAPTURE_CONTENT_ENV).as_deref().map(str::trim) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(_) => return Err(ConfigError::new(CAPTURE_CONTENT_ENV, "must be true or false")),
+        };
+        let disabled = match env("OTEL_SDK_DISABLED").as_deref().map(str::trim) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(_) => return Err(ConfigError::new("OTEL_SDK_DISABLED", "must be true or false")),
+        };
+        let resource = resource();
+        let metrics = if disabled {
+            None
+        } else {
+            crate::metrics::Metrics::from_vars(&env, &resource, prometheus)?.map(Arc::new)
+        };
+        let endpoint = crate::endpoint(&env, "TRACES", "v1/traces");
+        let traces_off = env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
+        if disabled || traces_off || endpoint.is_none() {
+            return Ok(Self { spans: None, capture_content, metrics });
+        }
+        let Some(endpoint) = endpoint else { return Ok(Self { spans: None, capture_content, metrics }) };
+        let protocol = crate::protocol(&env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
+        let exporter = SpanExporterKind::build(protocol, &endpoint, &resource)?;
+        let number = |name: &str, default: usize| -> Result<usize, ConfigError> {
+            match env(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| ConfigError::new(name, "must be a positive whole number")),
+            }
+        };
+        let queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE)?.min(1 << 20);
+        let batch = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_BATCH)?.min(queue_size);
+        let delay = number("OTEL_BSP_SCHEDULE_DELAY", DEFAULT_DELAY.as_millis() as usize)?;
+        let (queue, rx) = std::sync::mpsc::sync_channel(queue_size);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let exported = Arc::new(AtomicU64::new(0));
+        let warned = Arc::new(AtomicBool::new(false));
+        let worker = Worker {
+            rx,
+            exporter,
+            batch,
+            delay: Duration::from_millis(delay as u64),
+            dropped: dropped.clone(),
+            exported: exported.clone(),
+            warned,
+        };
+        let thread = std::thread::Builder::new()
+            .name("otlp-spans".into())
+            .spawn(move || worker.run())
+            .map_err(|e| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", format!("starting the exporter: {e}")))?;
+        // The SDK's reading of OTEL_TRACES_SAMPLER / _ARG.
+        let sampler = opentelemetry_sdk::trace::Config::default().sampler;
+        let spans = Spans { queue, sampler, dropped, exported, thread: Mutex::new(Some(thread)) };
+        Ok(Self { spans: Some(Arc::new(spans)), capture_content, metrics })
+    }
+
+    /// Spans are exported.
+    pub fn is_tracing(&self) -> bool {
+        self.spans.is_some()
+    }
+
+    /// Content may go on spans (`SWITCHYARD_OTEL_CAPTURE_CONTENT=true`);
+    /// a confidential workflow's never does.
+    pub fn capture_content(&self) -> bool {
+        self.capture_content
+    }
+
+    /// The metric instruments, if metrics are exported or served.
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::Metrics>> {
+        self.metrics.as_ref()
+    }
+
+    /// Whether a trace is recorded, by `OTEL_TRACES_SAMPLER` (default:
+    /// parent-based, always on): decided once per run from its trace id and
+    /// the caller's span, the same way in every process.
+    pub fn sampled(&self, trace_id: [u8; 16], parent: Option<&SpanContext>) -> bool {
+        let Some(spans) = &self.spans else { return false };
+        let cx = parent.map(|p| {
+            let flags = if p.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+            let remote = OtelContext::new(
+                OtelTraceId::from_bytes(p.trace_id),
+                OtelSpanId::from_bytes(p.span_id),
+                flags,
+                true,
+                TraceState::default(),
+            );
+            opentelemetry::Context::new().with_remote_span_context(remote)
+        });
+        let result = spans.sampler.should_sample(
+            cx.as_ref(),
+            OtelTraceId::from_bytes(trace_id),
+            "invoke_workflow",
+            &SpanKind::Internal,
+            &[],
+            &[],
+        );
+        result.decision == SamplingDecision::RecordAndSample
+    }
+
+    /// Queues a finished span for export; drops it (counted) if the queue
+    /// is full.
+    pub fn emit(&self, span: Span) {
+        let Some(spans) = &self.spans else { return };
+        match spans.queue.try_send(Msg::Span(Box::new(span_data(span)))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                spans.dropped.fetch_add(1, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.dropped_span();
+                }
+            }
+        }
+    }
+
+    /// Spans dropped so far: the queue was full, or the receiver did not
+    /// take their batch.
+    pub fn dropped_spans(&self) -> u64 {
+        self.spans.as_ref().map_or(0, |s| s.dropped.load(Ordering::Relaxed))
+    }
+
+    /// Spans the receiver accepted so far.
+    pub fn exported_spans(&self) -> u64 {
+        self.spans.as_ref().map_or(0, |s| s.exported.load(Ordering::Relaxed))
+    }
+
+    /// Exports what is queued, waiting at most `timeout`, then stops the
+    /// exporter (spans emitted later are dropped). Also flushes metrics.
+    /// Call it outside an async context.
+    pub fn shutdown(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        if let Some(spans) = &self.spans {
+            let (ack, done) = std::sync::mpsc::sync_channel(1);
+            let mut msg = Msg::Flush(ack);
+            loop {
+                match spans.queue.try_send(msg) {
+                    Ok(()) => {
+                        let _ = done.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+                        break;
+                    }
+                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                        msg = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => break,
+                }
+            }
+            // The thread ends when the last sender is gone; it is not joined
+            // past the deadline.
+            drop(spans.thread.lock().map(|mut t| t.take()));
+        }
+        if let Some(m) = &self.metrics {
+            m.shutdown(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+}
+
+/// The resource: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` (the
+/// SDK's detectors), with `service.name` `switchyard` unless they set one.
+pub(crate) fn resource() -> Resource {
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let builder = Resource::builder().with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    if named { builder.build() } else { builder.with_service_name("switchyard").build() }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("switchyard").with_version(env!("CARGO_PKG_VERSION")).build()
+}
+
+fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+}
+
+fn context(c: &SpanContext) -> OtelContext {
+    let flags = if c.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    OtelContext::new(
+        OtelTraceId::from_bytes(c.trace_id),
+        OtelSpanId::from_bytes(c.span_id),
+        flags,
+        false,
+        TraceState::default(),
+    )
+}
+
+fn value(a: Attr) -> OtelValue {
+    match a {
+        Attr::Str(s) => OtelValue::from(s),
+        Attr::Int(n) => OtelValue::I64(n),
+        Attr::F64(n) => OtelValue::F64(n),
+        Attr::Bool(b) => OtelValue::Bool(b),
+        Attr::Strs(list) => OtelValue::Array(opentelemetry::Array::String(list.into_iter().map(Into::into).collect())),
+    }
+}
+
+fn span_data(span: Span) -> SpanData {
+    let links = span.links.iter().map(|l| opentelemetry::trace::Link::with_context(context(l))).collect::<Vec<_>>();
+    let mut span_links = SpanLinks::default();
+    span_links.links = links;
+    SpanData {
+        span_context: context(&span.context),
+        parent_span_id: span.parent.map(OtelSpanId::from_bytes).unwrap_or(OtelSpanId::INVALID),
+        parent_span_is_remote: span.parent_remote,
+        span_kind: match span.kind {
+            Kind::Internal => SpanKind::Internal,
+            Kind::Client => SpanKind::Client,
+        },
+        name: Cow::Owned(span.name),
+        start_time: time(span.start_ms),
+        end_time: time(span.end_ms.max(span.start_ms)),
+        attributes: span.attributes.into_iter().map(|(k, v)| KeyValue::new(k, value(v))).collect(),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: span_links,
+        status: match span.error {
+            Some(description) => Status::error(description),
+            None => Status::Unset,
+        },
+        instrumentation_scope: scope(),
+    }
+}
+
+/// The OTLP span exporter for the configured protocol.
+enum SpanExporterKind {
+    Http(opentelemetry_otlp::SpanExporter),
+    #[cfg(feature = "grpc")]
+    Grpc(opentelemetry_otlp::SpanExporter, tokio::runtime::Runtime),
+}
+
+impl SpanExporterKind {
+    fn build(protocol: crate::Protocol, endpoint: &str, resource: &Resource) -> Result<Self, ConfigError> {
+        use opentelemetry_otlp::WithExportConfig;
+        let bad =
+            |e: opentelemetry_otlp::ExporterBuildError| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string());
+        let mut kind = match protocol {
+            crate::Protocol::HttpProtobuf => Self::Http(
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(endpoint)
+                    .build()
+                    .map_err(bad)?,
+            ),
+            #[cfg(feature = "grpc")]
+            crate::Protocol::Grpc => {
+                use opentelemetry_otlp::WithTonicConfig as _;
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+                    ConfigError::new("OTEL_EXPORTER_OTLP_PROTOCOL", format!("starting the gRPC runtime: {e}"))
+                })?;
+                let exporter = {
+                    let _guard = rt.enter();
+                    opentelemetry_otlp::SpanExporter::builder()
+                        .with_tonic()
+                        .with_endpoint(endpoint)
+                        .build()
+                        .map_err(bad)?
+                };
+                Self::Grpc(exporter, rt)
+            }
+        };
+        match &mut kind {
+            Self::Http(e) => e.set_resource(resource),
+            #[cfg(feature = "grpc")]
+            Self::Grpc(e, _) => e.set_resource(resource),
+        }
+        Ok(kind)
+    }
+
+    fn export(&self, batch: Vec<SpanData>) -> Result<(), String> {
+        let result = match self {
+            Self::Http(e) => futures::executor::block_on(e.export(batch)),
+            #[cfg(feature = "grpc")]
+            Self::Grpc(e, rt) => rt.block_on(e.export(batch)),
+        };
+        result.map_err(|e| e.to_string())
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Self::Http(e) => e.shutdown(),
+            #[cfg(feature = "grpc")]
+            Self::Grpc(e, _) => e.shutdown(),
+        };
+    }
+}
+
+/// The export thread: collects spans into batches and sends them.
+struct Worker {
+    rx: Receiver<Msg>,
+    exporter: SpanExporterKind,
+    batch: usize,
+    delay: Duration,
+    dropped: Arc<AtomicU64>,
+    exported: Arc<AtomicU64>,
+    warned: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(self) {
+        let mut batch: Vec<SpanData> = Vec::with_capacity(self.batch);
+        let mut due: Option<Instant> = None;
+        loop {
+            let wait = due.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+            match self.rx.recv_timeout(wait) {
+                Ok(Msg::Span(span)) => {
+                    batch.push(*span);
+                    due.get_or_insert_with(|| Instant::now() + self.delay);
+                    if batch.len() >= self.batch {
+                        self.send(&mut batch);
+                        due = None;
+                    }
+                }
+                Ok(Msg::Flush(ack)) => {
+                    self.send(&mut batch);
+                    due = None;
+                    let _ = ack.try_send(());
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.send(&mut batch);
+                    due = None;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.send(&mut batch);
+                    self.exporter.shutdown();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn send(&self, batch: &mut Vec<SpanData>) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        match self.exporter.export(std::mem::take(batch)) {
+            Ok(()) => {
+                self.exported.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.dropped.fetch_add(n, Ordering::Relaxed);
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, spans = n, "exporting spans failed; they are dropped (counted in switchyard_spans_dropped)");
+                } else {
+                    tracing::debug!(error = %e, spans = n, "exporting spans failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_junk() {
+        let c = SpanContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        assert!(c.sampled);
+        assert_eq!(c.traceparent(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let unsampled = SpanContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap();
+        assert!(!unsampled.sampled);
+        // A later version with extra fields is read as 00.
+        assert!(SpanContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra").is_ok());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(SpanContext::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_distinct() {
+        let t = [7u8; 16];
+        assert_eq!(derived_span_id(&t, &["run", "a"]), derived_span_id(&t, &["run", "a"]));
+        assert_ne!(derived_span_id(&t, &["run", "a"]), derived_span_id(&t, &["run", "b"]));
+        // Parts are length-prefixed: ["ab", "c"] is not ["a", "bc"].
+        assert_ne!(derived_span_id(&t, &["ab", "c"]), derived_span_id(&t, &["a", "bc"]));
+        assert_ne!(derived_span_id(&[8u8; 16], &["run", "a"]), derived_span_id(&t, &["run", "a"]));
+    }
+
+    #[test]
+    fn disabled_telemetry_samples_nothing_and_drops_nothing() {
+        let t = Telemetry::disabled();
+        assert!(!t.is_tracing());
+        assert!(!t.sampled([1; 16], None));
+        t.emit(Span {
+            context: SpanContext { trace_id: [1; 16], span_id: [2; 8], sampled: true },
+            parent: None,
+            parent_remote: false,
+            kind: Kind::Internal,
+            name: "x".into(),
+            start_ms: 0,
+            end_ms: 1,
+            attributes: vec![],
+            error: None,
+            links: vec![],
+        });
+        assert_eq!(t.dropped_spans(), 0);
+    }
+}

@@ -1,0 +1,811 @@
+//! Spans and metrics from the journal.
+//!
+//! A run's telemetry is a fold of its journal, like its state: the driver
+//! folds what it loads (nothing is reported for it: that happened in an
+//! earlier process, which reported it), then every batch of events it
+//! commits ([`RunTelemetry::committed`]). A span is reported when the event
+//! that ends it is committed, so a step whose result came from the journal
+//! (a replay after a crash, a resume) gets no second span.
+//!
+//! Span ids are derived from the run, step, attempt and operation they
+//! stand for, so a span started in one process and ended by the next after
+//! a crash keeps its id, and its children their parent. A resumed run (after
+//! `runs resume`) is a new run span in the same trace, linked to the one it
+//! continues; an attempt cut short by a crash is reported as `interrupted`
+//! when the next process starts its successor, which links to it.
+//!
+//! Content (inputs, outputs, model answers, rationales, tool arguments and
+//! results) goes on spans only with `SWITCHYARD_OTEL_CAPTURE_CONTENT=true`,
+//! and never idempotency keys.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use switchyard_observability::semconv::*;
+use switchyard_observability::{Attr, Kind, ModelCall, Span, SpanContext, Telemetry, derived_span_id};
+
+use crate::journal::{Event, RunStatus};
+use crate::report::Prices;
+use crate::store::JournalEntry;
+use crate::workflow::{StepKind, Workflow};
+
+/// Longest content value put on a span (characters).
+const MAX_CONTENT: usize = 8 * 1024;
+
+/// Where a run's trace hangs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TraceParent {
+    /// A root run: under the caller's span, if one was given (stored in
+    /// `run_started`).
+    Root,
+    /// A child run: under the parent's attempt span (`None`: the parent
+    /// is not traced).
+    Child(Option<SpanContext>),
+}
+
+#[derive(Debug, Default)]
+struct StepTrace {
+    /// The step span, while open: when it started and in which segment.
+    span: Option<(i64, u32)>,
+    attempts: u32,
+    attempt: Option<Attempt>,
+}
+
+#[derive(Debug)]
+struct Attempt {
+    n: u32,
+    start: i64,
+    /// Started by an earlier process (folded, not committed here).
+    folded: bool,
+    /// The interrupted attempt this one follows.
+    link: Option<[u8; 8]>,
+    /// A model call whose earlier tries failed: its first op and start.
+    chat: Option<(u32, i64, u32)>,
+    /// The http step's method and URL (without query and userinfo).
+    http: Option<(String, String)>,
+    input: Option<Value>,
+}
+
+pub(crate) struct RunTelemetry {
+    tel: Telemetry,
+    prices: Arc<Prices>,
+    /// Spans are reported (the trace is sampled).
+    spans: bool,
+    capture: bool,
+    trace_id: [u8; 16],
+    parent: Option<[u8; 8]>,
+    parent_remote: bool,
+    run_id: String,
+    wf: Arc<Workflow>,
+    segment: u32,
+    run_start: i64,
+    first_start: i64,
+    steps: HashMap<String, StepTrace>,
+    /// The latest time the journal shows.
+    last_at: i64,
+    /// What attempts about to start were given (see [`RunTelemetry::started`]).
+    rendered: HashMap<String, Rendered>,
+}
+
+type Rendered = (u32, Option<(String, String)>, Option<Value>);
+
+impl RunTelemetry {
+    /// The run's telemetry folded from `entries`; `None` when nothing is
+    /// reported (no export, no metrics, or not sampled).
+    pub fn fold(
+        tel: &Telemetry,
+        prices: &Arc<Prices>,
+        wf: &Arc<Workflow>,
+        run_id: &str,
+        parent: TraceParent,
+        entries: &[JournalEntry],
+    ) -> Option<Box<Self>> {
+        if !tel.is_tracing() && tel.metrics().is_none() {
+            return None;
+        }
+        let (trace_id, parent_span, parent_remote) = match parent {
+            TraceParent::Root => {
+                let caller = entries.iter().find_map(|e| match &e.event {
+                    Event::RunStarted { trace, .. } => trace.as_deref().and_then(|t| SpanContext::parse(t).ok()),
+                    _ => None,
+                });
+                let trace_id = caller.map(|c| c.trace_id).unwrap_or_else(|| root_trace_id(run_id));
+                (trace_id, caller, true)
+            }
+            TraceParent::Child(Some(c)) => (c.trace_id, Some(c), false),
+            TraceParent::Child(None) => ([0; 16], None, false),
+        };
+        let spans = match parent {
+            TraceParent::Root => tel.sampled(trace_id, parent_span.as_ref()),
+            TraceParent::Child(p) => p.is_some_and(|p| p.sampled) && tel.is_tracing(),
+        };
+        if !spans && tel.metrics().is_none() {
+            return None;
+        }
+        let mut t = Box::new(Self {
+            tel: tel.clone(),
+            prices: prices.clone(),
+            spans,
+            capture: tel.capture_content(),
+            trace_id,
+            parent: parent_span.map(|p| p.span_id),
+            parent_remote,
+            run_id: run_id.to_owned(),
+            wf: wf.clone(),
+            segment: 0,
+            run_start: 0,
+            first_start: 0,
+            steps: HashMap::new(),
+            last_at: 0,
+            rendered: HashMap::new(),
+        });
+        for entry in entries {
+            t.apply(entry.at, &entry.event, false);
+        }
+        Some(t)
+    }
+
+    /// The span context an attempt's outbound calls carry, and its child
+    /// runs hang under.
+    pub fn attempt_context(&self, step: &str, attempt: u32) -> Option<SpanContext> {
+        self.spans.then(|| SpanContext {
+            trace_id: self.trace_id,
+            span_id: self.attempt_id(step, attempt),
+            sampled: true,
+        })
+    }
+
+    /// What the driver rendered for attempt `attempt` it starts (the http
+    /// request's method and URL; the input, if content is captured); kept
+    /// until its `step_started` is committed.
+    pub fn started(&mut self, step: &str, attempt: u32, input: &Value) {
+        if !self.spans {
+            return;
+        }
+        let http = (self.kind(step) == "http").then(|| {
+            let method = input.get("method").and_then(Value::as_str).unwrap_or("GET").to_ascii_uppercase();
+            (method, clean_url(input.get("url").and_then(Value::as_str).unwrap_or_default()))
+        });
+        let input = self.capture.then(|| redacted(input));
+        self.rendered.insert(step.to_owned(), (attempt, http, input));
+    }
+
+    /// Events just committed at `at`.
+    pub fn committed(&mut self, at: i64, events: &[Event]) {
+        for event in events {
+            self.apply(at, event, true);
+        }
+    }
+
+    fn run_span_id(&self, segment: u32) -> [u8; 8] {
+        derived_span_id(&self.trace_id, &["run", &self.run_id, &segment.to_string()])
+    }
+
+    fn step_span_id(&self, step: &str, segment: u32) -> [u8; 8] {
+        derived_span_id(&self.trace_id, &["step", &self.run_id, step, &segment.to_string()])
+    }
+
+    fn attempt_id(&self, step: &str, attempt: u32) -> [u8; 8] {
+        derived_span_id(&self.trace_id, &["attempt", &self.run_id, step, &attempt.to_string()])
+    }
+
+    fn op_id(&self, step: &str, attempt: u32, index: u32) -> [u8; 8] {
+        derived_span_id(&self.trace_id, &["op", &self.run_id, step, &attempt.to_string(), &index.to_string()])
+    }
+
+    fn context(&self, span_id: [u8; 8]) -> SpanContext {
+        SpanContext { trace_id: self.trace_id, span_id, sampled: true }
+    }
+
+    fn kind(&self, step: &str) -> &'static str {
+        self.wf.step_index(step).map_or("unknown", |i| kind_of(&self.wf, i))
+    }
+
+    fn emit(&self, span: Span) {
+        if self.spans {
+            self.tel.emit(span);
+        }
+    }
+
+    fn apply(&mut self, at: i64, event: &Event, live: bool) {
+        self.last_at = self.last_at.max(at);
+        match event {
+            Event::RunStarted { .. } => {
+                self.run_start = at;
+                self.first_start = at;
+            }
+            Event::RunResumed { .. } => {
+                self.segment += 1;
+                self.run_start = at;
+            }
+            Event::StepStarted { step, attempt } => {
+                let interrupted =
+                    self.steps.get(step).and_then(|s| s.attempt.as_ref()).map(|a| (a.n, a.start, a.folded));
+                let mut link = None;
+                if let Some((n, start, _)) = interrupted {
+                    // The attempt before this one never ended: its process
+                    // stopped. Reported now, by the process that goes on.
+                    link = Some(self.attempt_id(step, n));
+                    if live {
+                        let end = self.last_at.max(start);
+                        self.end_attempt(step, end, "interrupted", Some("the process running it stopped"), None);
+                    } else if let Some(st) = self.steps.get_mut(step) {
+                        st.attempt = None;
+                    }
+                }
+                let segment = self.segment;
+                let (http, input) = match self.rendered.remove(step) {
+                    Some((n, http, input)) if n == *attempt => (http, input),
+                    _ => (None, None),
+                };
+                let st = self.steps.entry(step.clone()).or_default();
+                st.span.get_or_insert((at, segment));
+                st.attempts += 1;
+                st.attempt = Some(Attempt { n: *attempt, start: at, folded: !live, link, chat: None, http, input });
+            }
+            Event::StepOp { step, attempt, index, name, value, at: op_at } => {
+                if live {
+                    self.op(step, *attempt, *index, name, value, op_at.unwrap_or(at));
+                } else if name == switchyard_steps::llm::CALL_OP
+                    && let Some(a) = self.steps.get_mut(step).and_then(|s| s.attempt.as_mut())
+                {
+                    // A model call's failed tries before a crash: the call
+                    // spans them when it ends here.
+                    fold_chat(a, *index, value, op_at.unwrap_or(at));
+                }
+            }
+            Event::StepSucceeded { step, output, .. } => {
+                if live {
+                    self.end_attempt(step, at, "succeeded", None, Some(output));
+                    self.end_step(step, at, "succeeded", None, &[]);
+                } else {
+                    self.steps.remove(step);
+                }
+            }
+            Event::StepFailed { step, error, retry_at, continued, .. } => {
+                if !live {
+                    if retry_at.is_some() {
+                        if let Some(st) = self.steps.get_mut(step) {
+                            st.attempt = None;
+                        }
+                    } else {
+                        self.steps.remove(step);
+                    }
+                    return;
+                }
+                let status = match (retry_at, error.code.as_str()) {
+                    (Some(_), _) => "retrying",
+                    (None, "cancelled") => "cancelled",
+                    _ => "failed",
+                };
+                let why = format!("{}: {}", error.code, error.message);
+                self.end_attempt(step, at, status, Some(&why), None);
+                if retry_at.is_none() {
+                    let status = if *continued { "continued" } else { status };
+                    self.end_step(step, at, status, Some((&error.code, &why)), &[]);
+                }
+            }
+            Event::StepSkipped { step, reason } => {
+                if live {
+                    self.steps.entry(step.clone()).or_default().span = Some((at, self.segment));
+                    self.end_step(step, at, "skipped", None, &[(STEP_SKIP_REASON, Attr::from(reason.as_str()))]);
+                }
+            }
+            Event::StepReused { step, from_run, .. } => {
+                if live {
+                    self.steps.entry(step.clone()).or_default().span = Some((at, self.segment));
+                    self.end_step(step, at, "reused", None, &[(STEP_REUSED_FROM, Attr::from(from_run.as_str()))]);
+                }
+            }
+            Event::RunFinished { status, error, .. } => {
+                if live {
+                    self.finish(at, *status, error.as_ref());
+                }
+            }
+            Event::StepSuspended { .. }
+            | Event::StepWaiting { .. }
+            | Event::SignalReceived { .. }
+            | Event::RunParked { .. }
+            | Event::CancelRequested { .. } => {}
+        }
+    }
+
+    fn op(&mut self, step: &str, attempt: u32, index: u32, name: &str, value: &Value, at: i64) {
+        if name == switchyard_steps::llm::CALL_OP {
+            let Some(a) = self.steps.get_mut(step).and_then(|s| s.attempt.as_mut()) else { return };
+            fold_chat(a, index, value, at);
+            if value.get("outcome").and_then(Value::as_str) == Some("answered") {
+                let (first, start, tries) = a.chat.take().unwrap_or((index, at, 1));
+                self.chat_span(step, attempt, first, start, at, tries, value, None);
+            }
+        } else if name == "tool_call" && self.spans {
+            let id = self.op_id(step, attempt, index);
+            let tool = value.get("tool").and_then(Value::as_str).unwrap_or("tool");
+            let ok = value.get("ok").and_then(Value::as_bool).unwrap_or(false);
+            let mut attributes = vec![
+                (GEN_AI_OPERATION_NAME, Attr::from(OP_EXECUTE_TOOL)),
+                (GEN_AI_TOOL_NAME, Attr::from(tool)),
+                (TOOL_OK, Attr::from(ok)),
+            ];
+            if let Some(call_id) = value.get("call_id").and_then(Value::as_str) {
+                attributes.push((GEN_AI_TOOL_CALL_ID, Attr::from(call_id)));
+            }
+            if self.capture
+                && let Some(result) = value.get("result")
+            {
+                attributes.push((GEN_AI_TOOL_CALL_RESULT, Attr::from(content(result))));
+            }
+            let start = self.steps.get(step).and_then(|s| s.attempt.as_ref()).map_or(at, |a| a.start.max(at));
+            self.emit(Span {
+                context: self.context(id),
+                parent: Some(self.attempt_id(step, attempt)),
+                parent_remote: false,
+                kind: Kind::Internal,
+                name: format!("{OP_EXECUTE_TOOL} {tool}"),
+                start_ms: start,
+                end_ms: at,
+                attributes,
+                error: (!ok).then(|| "the tool call failed".to_owned()),
+                links: vec![],
+            });
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn chat_span(
+        &self,
+        step: &str,
+        attempt: u32,
+        first: u32,
+        start: i64,
+        end: i64,
+        tries: u32,
+        value: &Value,
+        error: Option<&str>,
+    ) {
+        let s = |k: &str| value.get(k).and_then(Value::as_str).unwrap_or_default();
+        let usage = switchyard_steps::llm::usage_of_op(switchyard_steps::llm::CALL_OP, value).unwrap_or_default();
+        let provider = match s("system") {
+            "" => "openai",
+            system => system,
+        };
+        let request_model = match s("request_model") {
+            "" => s("model"),
+            m => m,
+        };
+        if let Some(m) = self.tel.metrics() {
+            m.model_call(&ModelCall {
+                provider,
+                request_model,
+                response_model: s("model"),
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                seconds: (end - start).max(0) as f64 / 1000.0,
+                error,
+                cost: self.prices.cost(s("model"), usage.input_tokens, usage.output_tokens),
+            });
+        }
+        if !self.spans {
+            return;
+        }
+        let mut attributes = vec![
+            (GEN_AI_OPERATION_NAME, Attr::from(OP_CHAT)),
+            (GEN_AI_PROVIDER_NAME, Attr::from(provider)),
+            (GEN_AI_REQUEST_MODEL, Attr::from(request_model)),
+            (LLM_CALL_ATTEMPTS, Attr::from(tries)),
+        ];
+        if error.is_none() {
+            attributes.extend([
+                (GEN_AI_RESPONSE_MODEL, Attr::from(s("model"))),
+                (GEN_AI_RESPONSE_FINISH_REASONS, Attr::Strs(vec![s("finish_reason").to_owned()])),
+                (GEN_AI_USAGE_INPUT_TOKENS, Attr::from(usage.input_tokens)),
+                (GEN_AI_USAGE_OUTPUT_TOKENS, Attr::from(usage.output_tokens)),
+            ]);
+            if value.get("usage_estimated").and_then(Value::as_bool) == Some(true) {
+                attributes.push((LLM_USAGE_ESTIMATED, Attr::from(true)));
+            }
+        }
+        if let Some((host, port)) = server(s("server")) {
+            attributes.push((SERVER_ADDRESS, Attr::from(host)));
+            if let Some(port) = port {
+                attributes.push((SERVER_PORT, Attr::Int(port.into())));
+            }
+        }
+        if self.capture && error.is_none() {
+            let message = serde_json::json!([{
+                "role": "assistant",
+                "parts": output_parts(value),
+                "finish_reason": s("finish_reason"),
+            }]);
+            attributes.push((GEN_AI_OUTPUT_MESSAGES, Attr::from(content(&message))));
+        }
+        let name = match request_model {
+            "" => OP_CHAT.to_owned(),
+            m => format!("{OP_CHAT} {m}"),
+        };
+        self.emit(Span {
+            context: self.context(self.op_id(step, attempt, first)),
+            parent: Some(self.attempt_id(step, attempt)),
+            parent_remote: false,
+            kind: Kind::Client,
+            name,
+            start_ms: start,
+            end_ms: end,
+            attributes,
+            error: error.map(str::to_owned),
+            links: vec![],
+        });
+    }
+
+    fn end_attempt(&mut self, step: &str, at: i64, status: &str, error: Option<&str>, output: Option<&Value>) {
+        let kind = self.kind(step);
+        let Some(a) = self.steps.get_mut(step).and_then(|s| s.attempt.take()) else { return };
+        if let Some(m) = self.tel.metrics()
+            && status != "interrupted"
+        {
+            m.attempt_ended(kind, status, (at - a.start).max(0) as f64 / 1000.0);
+        }
+        // A model call still failing when its attempt ended.
+        if let Some((first, start, tries)) = a.chat {
+            self.chat_span(step, a.n, first, start, at, tries, &Value::Null, Some("unavailable"));
+        }
+        if !self.spans {
+            return;
+        }
+        let mut attributes = vec![
+            (STEP_ID, Attr::from(step)),
+            (STEP_KIND, Attr::from(kind)),
+            (STEP_ATTEMPT, Attr::from(a.n)),
+            (STEP_STATUS, Attr::from(status)),
+            (GEN_AI_WORKFLOW_NAME, Attr::from(self.wf.name())),
+        ];
+        let (name, span_kind) = match kind {
+            "agent" => {
+                attributes.push((GEN_AI_OPERATION_NAME, Attr::from(OP_INVOKE_AGENT)));
+                attributes.push((GEN_AI_AGENT_NAME, Attr::from(step)));
+                (format!("{OP_INVOKE_AGENT} {step}"), Kind::Internal)
+            }
+            "http" => {
+                let (method, url) = a.http.clone().unwrap_or_else(|| ("GET".to_owned(), String::new()));
+                attributes.push((HTTP_REQUEST_METHOD, Attr::from(method.as_str())));
+                if !url.is_empty() {
+                    attributes.push((URL_FULL, Attr::from(url)));
+                }
+                (method, Kind::Client)
+            }
+            other => (format!("{other} {step}"), Kind::Internal),
+        };
+        if let Some(code) = output.and_then(|o| o.get("status")).and_then(Value::as_i64).filter(|_| kind == "http") {
+            attributes.push((HTTP_RESPONSE_STATUS_CODE, Attr::Int(code)));
+        }
+        if let (Some(e), "http") = (error, kind)
+            && let Some(code) = http_status_in(e)
+        {
+            attributes.push((HTTP_RESPONSE_STATUS_CODE, Attr::Int(code)));
+        }
+        if let Some(e) = error {
+            let code = e.split(':').next().unwrap_or(e);
+            attributes.push((STEP_ERROR_CODE, Attr::from(code)));
+            attributes.push((ERROR_TYPE, Attr::from(code)));
+        }
+        if kind == "decide"
+            && let Some(out) = output
+        {
+            decision_attrs(out, self.capture, &mut attributes);
+        }
+        if self.capture {
+            if let Some(input) = &a.input {
+                attributes.push((STEP_INPUT, Attr::from(content(input))));
+            }
+            if let Some(out) = output {
+                attributes.push((STEP_OUTPUT, Attr::from(content(&redacted(out)))));
+            }
+        }
+        let links = a.link.map(|l| vec![self.context(l)]).unwrap_or_default();
+        let parent = self.steps.get(step).and_then(|s| s.span).map(|(_, seg)| self.step_span_id(step, seg));
+        self.emit(Span {
+            context: self.context(self.attempt_id(step, a.n)),
+            parent,
+            parent_remote: false,
+            kind: span_kind,
+            name,
+            start_ms: a.start,
+            end_ms: at,
+            attributes,
+            error: error.map(str::to_owned),
+            links,
+        });
+    }
+
+    fn end_step(
+        &mut self,
+        step: &str,
+        at: i64,
+        status: &str,
+        error: Option<(&str, &str)>,
+        extra: &[(&'static str, Attr)],
+    ) {
+        let kind = self.kind(step);
+        let Some(st) = self.steps.remove(step) else { return };
+        let Some((start, segment)) = st.span else { return };
+        if !self.spans {
+            return;
+        }
+        let mut attributes = vec![
+            (STEP_ID, Attr::from(step)),
+            (STEP_KIND, Attr::from(kind)),
+            (STEP_STATUS, Attr::from(status)),
+            (STEP_ATTEMPTS, Attr::from(st.attempts)),
+            (GEN_AI_WORKFLOW_NAME, Attr::from(self.wf.name())),
+        ];
+        attributes.extend(extra.iter().cloned());
+        if let Some((code, _)) = error {
+            attributes.push((STEP_ERROR_CODE, Attr::from(code)));
+        }
+        self.emit(Span {
+            context: self.context(self.step_span_id(step, segment)),
+            parent: Some(self.run_span_id(self.segment)),
+            parent_remote: false,
+            kind: Kind::Internal,
+            name: format!("step {step}"),
+            start_ms: start,
+            end_ms: at,
+            attributes,
+            error: error.filter(|_| status != "continued").map(|(_, why)| why.to_owned()),
+            links: vec![],
+        });
+    }
+
+    fn finish(&mut self, at: i64, status: RunStatus, error: Option<&switchyard_steps::StepError>) {
+        // Attempts still open (cancelled with the run) end with it.
+        let open: Vec<String> =
+            self.steps.iter().filter(|(_, s)| s.attempt.is_some()).map(|(k, _)| k.clone()).collect();
+        for step in open {
+            self.end_attempt(&step, at, status.as_str(), Some("the run ended"), None);
+        }
+        if let Some(m) = self.tel.metrics()
+            && self.parent.is_none_or(|_| self.parent_remote)
+            && !self.run_id.contains('/')
+        {
+            m.run_finished(self.wf.name(), status.as_str(), (at - self.first_start).max(0) as f64 / 1000.0);
+        }
+        if !self.spans {
+            return;
+        }
+        let mut attributes = vec![
+            (GEN_AI_OPERATION_NAME, Attr::from(OP_INVOKE_WORKFLOW)),
+            (GEN_AI_WORKFLOW_NAME, Attr::from(self.wf.name())),
+            (RUN_ID, Attr::from(self.run_id.as_str())),
+            (WORKFLOW_VERSION, Attr::from(self.wf.version())),
+            (RUN_STATUS, Attr::from(status.as_str())),
+        ];
+        if self.segment > 0 {
+            attributes.push((RUN_SEGMENT, Attr::from(self.segment)));
+        }
+        if let Some(e) = error {
+            attributes.push((ERROR_TYPE, Attr::from(e.code.as_str())));
+        }
+        let links = if self.segment > 0 { vec![self.context(self.run_span_id(self.segment - 1))] } else { Vec::new() };
+        self.emit(Span {
+            context: self.context(self.run_span_id(self.segment)),
+            parent: self.parent,
+            parent_remote: self.parent_remote && self.parent.is_some(),
+            kind: Kind::Internal,
+            name: format!("{OP_INVOKE_WORKFLOW} {}", self.wf.name()),
+            start_ms: self.run_start,
+            end_ms: at,
+            attributes,
+            error: (status != RunStatus::Succeeded).then(|| match error {
+                Some(e) => format!("{}: {}", e.code, e.message),
+                None => status.as_str().to_owned(),
+            }),
+            links,
+        });
+        self.steps.clear();
+    }
+}
+
+/// A model call op seen: a failed try opens (or extends) the logical call.
+fn fold_chat(a: &mut Attempt, index: u32, value: &Value, at: i64) {
+    let latency = value.get("latency_ms").and_then(Value::as_i64).unwrap_or(0);
+    match value.get("outcome").and_then(Value::as_str) {
+        Some("answered") => {
+            if let Some(chat) = a.chat.as_mut() {
+                chat.2 += 1;
+            } else {
+                a.chat = Some((index, at - latency, 1));
+            }
+        }
+        _ => match a.chat.as_mut() {
+            Some(chat) => chat.2 += 1,
+            None => a.chat = Some((index, at - latency, 1)),
+        },
+    }
+}
+
+/// The trace id of a root run started without a caller's span: its id (a
+/// UUID), so the trace is found by the run id.
+pub(crate) fn root_trace_id(run_id: &str) -> [u8; 16] {
+    match uuid::Uuid::parse_str(run_id) {
+        Ok(u) if !u.is_nil() => *u.as_bytes(),
+        _ => {
+            let id = derived_span_id(&[0; 16], &["trace", run_id]);
+            let mut t = [0u8; 16];
+            t[..8].copy_from_slice(&id);
+            t[8..].copy_from_slice(&derived_span_id(&[1; 16], &["trace", run_id]));
+            t
+        }
+    }
+}
+
+fn kind_of(wf: &Workflow, i: usize) -> &'static str {
+    match &wf.steps[i].kind {
+        StepKind::Action { step, .. } => step.kind(),
+        other => other.name(),
+    }
+}
+
+/// `url` without its query, fragment and userinfo.
+fn clean_url(url: &str) -> String {
+    let no_query = url.split(['?', '#']).next().unwrap_or_default();
+    match no_query.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            if path.is_empty() && !rest.contains('/') {
+                format!("{scheme}://{host}")
+            } else {
+                format!("{scheme}://{host}/{path}")
+            }
+        }
+        None => no_query.to_owned(),
+    }
+}
+
+/// `host` and port of a `host:port` text.
+fn server(s: &str) -> Option<(&str, Option<u16>)> {
+    if s.is_empty() {
+        return None;
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Some((host, port.parse().ok())),
+        _ => Some((s, None)),
+    }
+}
+
+/// The HTTP status of an `http_503: ...` error.
+fn http_status_in(error: &str) -> Option<i64> {
+    error.split(':').next()?.strip_prefix("http_")?.parse().ok().filter(|s| (100..600).contains(s))
+}
+
+fn decision_attrs(out: &Value, capture: bool, attributes: &mut Vec<(&'static str, Attr)>) {
+    let s = |k: &str| out.get(k).and_then(Value::as_str);
+    if let Some(choice) = s("choice") {
+        attributes.push((DECISION_CHOICE, Attr::from(choice)));
+    }
+    if let Some(path) = s("path") {
+        attributes.push((DECISION_PATH, Attr::from(path)));
+    }
+    if let Some(c) = out.get("confidence").and_then(Value::as_f64) {
+        attributes.push((DECISION_CONFIDENCE, Attr::F64(c)));
+    }
+    attributes
+        .push((DECISION_FALLBACK_USED, Attr::from(out.get("fallback_used").and_then(Value::as_bool).unwrap_or(false))));
+    if let Some(reason) = s("fallback_reason") {
+        attributes.push((DECISION_FALLBACK_REASON, Attr::from(reason)));
+    }
+    if let Some(m) = s("model_choice") {
+        attributes.push((DECISION_MODEL_CHOICE, Attr::from(m)));
+    }
+    if capture && let Some(r) = s("rationale") {
+        attributes.push((DECISION_RATIONALE, Attr::from(truncate(r))));
+    }
+}
+
+/// The parts of a journaled answer, in the GenAI message shape.
+fn output_parts(value: &Value) -> Value {
+    let mut parts = Vec::new();
+    if let Some(text) = value.get("content").and_then(Value::as_str) {
+        parts.push(serde_json::json!({"type": "text", "content": text}));
+    }
+    for call in value.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        parts.push(serde_json::json!({
+            "type": "tool_call",
+            "id": call.get("id"),
+            "name": call.get("name"),
+            "arguments": call.get("arguments"),
+        }));
+    }
+    Value::Array(parts)
+}
+
+/// Names whose values never go on a span, whatever the capture setting.
+fn secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    [
+        "authorization",
+        "cookie",
+        "token",
+        "secret",
+        "password",
+        "api_key",
+        "apikey",
+        "api-key",
+        "idempotency",
+        "credential",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// `v` with the values of secret-looking keys and all HTTP headers removed.
+fn redacted(v: &Value) -> Value {
+    match v {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    if secret_key(k) || k == "headers" {
+                        (k.clone(), Value::String("[redacted]".into()))
+                    } else {
+                        (k.clone(), redacted(v))
+                    }
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(redacted).collect()),
+        other => other.clone(),
+    }
+}
+
+fn content(v: &Value) -> String {
+    match v {
+        Value::String(s) => truncate(s),
+        other => truncate(&other.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= MAX_CONTENT {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(MAX_CONTENT).collect();
+    out.push('…');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_query_fragment_and_userinfo() {
+        assert_eq!(clean_url("https://u:p@example.com/a/b?token=x#f"), "https://example.com/a/b");
+        assert_eq!(clean_url("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(clean_url("http://h/?q=1"), "http://h/");
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_content() {
+        let v = serde_json::json!({"url": "u", "headers": {"Authorization": "Bearer x"}, "api_key": "k", "nested": [{"token": "t", "ok": 1}]});
+        let r = redacted(&v);
+        assert_eq!(r["headers"], "[redacted]");
+        assert_eq!(r["api_key"], "[redacted]");
+        assert_eq!(r["nested"][0]["token"], "[redacted]");
+        assert_eq!(r["nested"][0]["ok"], 1);
+        assert!(!r.to_string().contains("Bearer"));
+    }
+
+    #[test]
+    fn http_status_is_read_from_the_error() {
+        assert_eq!(http_status_in("http_503: HTTP 503: busy"), Some(503));
+        assert_eq!(http_status_in("http_connect: refused"), None);
+    }
+
+    #[test]
+    fn root_trace_ids_come_from_the_run_id() {
+        let id = uuid::Uuid::now_v7();
+        assert_eq!(root_trace_id(&id.to_string()), *id.as_bytes());
+        assert_ne!(root_trace_id("not-a-uuid"), [0; 16]);
+    }
+}

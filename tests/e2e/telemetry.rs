@@ -1,0 +1,600 @@
+//! Telemetry of the `switchyard` binary against a real OTLP/HTTP receiver
+//! on loopback: the spans of a run (parents, GenAI attributes, decisions,
+//! HTTP client spans, map children), content left off unless asked for,
+//! W3C trace context in and out, no second span for replayed work after a
+//! SIGKILL, a receiver that is down, and Prometheus metrics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use switchyard_integrations::llm::Limits;
+use switchyard_observability::Telemetry;
+use switchyard_orchestrator::EngineOptions;
+use switchyard_orchestrator::journal::RunStatus;
+use switchyard_steps::SystemClock;
+use switchyard_tests::{CounterServer, ModelServer, OtlpReceiver, ReceivedSpan, Reply, temp_dir};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::support::ModelSetup;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard-e2e");
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The caller's span of the `--traceparent` tests.
+const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+
+fn switchyard(db: &Path, receiver: &str, model: &ModelServer) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--db")
+        .arg(db)
+        .env("SWITCHYARD_SQLITE_SYNC", "normal")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "20")
+        .env("OTEL_METRICS_EXPORTER", "none")
+        .env("OPENAI_BASE_URL", model.base_url())
+        .env("OPENAI_API_KEY", "sk-telemetry-canary-key")
+        .env("SWITCHYARD_LLM_MODEL", "test-model")
+        .env_remove("SWITCHYARD_OTEL_CAPTURE_CONTENT")
+        .env_remove("OTEL_TRACES_SAMPLER")
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn output_within(cmd: &mut Command) -> std::process::Output {
+    match tokio::time::timeout(LIMIT, cmd.output()).await {
+        Ok(out) => out.expect("the binary starts"),
+        Err(_) => panic!("{cmd:?} did not end within {LIMIT:?}"),
+    }
+}
+
+fn named<'a>(spans: &'a [ReceivedSpan], name: &str) -> Vec<&'a ReceivedSpan> {
+    spans.iter().filter(|s| s.name == name).collect()
+}
+
+fn one<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
+    let found = named(spans, name);
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one span {name:?}; got {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+/// Every attribute value of every span, for leak checks.
+fn all_text(spans: &[ReceivedSpan]) -> String {
+    spans.iter().flat_map(|s| s.attributes.iter().map(|(k, v)| format!("{k}={v}\n"))).collect()
+}
+
+fn traced_workflow(counter: &CounterServer) -> String {
+    format!(
+        r#"
+name: traced
+steps:
+  - id: fetch
+    kind: http
+    with:
+      url: "{base}/hit/fetch?api_token=QUERY-CANARY"
+  - id: triage
+    kind: decide
+    needs: [fetch]
+    with:
+      prompt: "Ticket: PROMPT-CANARY {{{{ input.text }}}}"
+      choices:
+        refund: The customer wants their money back.
+        bug: Something is broken.
+  - id: summary
+    kind: llm
+    needs: [triage.bug]
+    with:
+      prompt: "Summarise PROMPT-CANARY"
+  - id: fan
+    kind: map
+    needs: [fetch]
+    with:
+      items: [1, 2]
+      steps:
+        - id: double
+          kind: transform
+          with: {{value: "{{{{ input.item * 2 }}}}"}}
+"#,
+        base = counter.url("")
+    )
+}
+
+#[tokio::test]
+async fn a_runs_spans_reach_the_receiver_with_parents_genai_attributes_and_trace_context() {
+    switchyard_tests::install_crypto_provider();
+    let dir = temp_dir("otel-run");
+    let (receiver, model, counter) =
+        (OtlpReceiver::start().await, ModelServer::start().await, CounterServer::start().await);
+    model.script_all([
+        Reply::json(json!({"choice": "bug", "confidence": 0.92, "rationale": "RATIONALE-CANARY it crashes"}))
+            .usage(30, 7),
+        Reply::text("ANSWER-CANARY all good").usage(20, 5),
+    ]);
+    let file = dir.join("traced.yaml");
+    std::fs::write(&file, traced_workflow(&counter).replace("{base}", "")).unwrap();
+    let out = output_within(
+        switchyard(&dir.join("db"), &receiver.endpoint(), &model)
+            .arg("run")
+            .arg(&file)
+            .arg("--input")
+            .arg(r#"{"text": "the app crashes"}"#)
+            .arg("--traceparent")
+            .arg(format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")),
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = receiver.spans();
+    let by_id: BTreeMap<&str, &ReceivedSpan> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+    assert_eq!(by_id.len(), spans.len(), "span ids are unique");
+
+    // One trace: the caller's. The run span hangs under the caller's span.
+    assert!(spans.iter().all(|s| s.trace_id == CALLER_TRACE), "one trace");
+    assert!(spans.iter().all(|s| s.service == "switchyard"));
+    let run = one(&spans, "invoke_workflow traced");
+    assert_eq!(run.parent_id, CALLER_SPAN);
+    assert_eq!(run.kind, 1, "internal");
+    assert_eq!(run.attr("gen_ai.operation.name"), Some("invoke_workflow"));
+    assert_eq!(run.attr("gen_ai.workflow.name"), Some("traced"));
+    assert_eq!(run.attr("switchyard.run.status"), Some("succeeded"));
+    assert_eq!(run.attr("switchyard.workflow.version"), Some("1"));
+    assert!(run.attr("switchyard.run.id").is_some_and(|id| !id.is_empty()));
+
+    // A step span per step under the run, one attempt span under each.
+    for step in ["fetch", "triage", "summary", "fan"] {
+        let s = one(&spans, &format!("step {step}"));
+        assert_eq!(s.parent_id, run.span_id, "step {step} under the run");
+        assert_eq!(s.attr("switchyard.step.status"), Some("succeeded"));
+        let attempts: Vec<_> = spans.iter().filter(|a| a.parent_id == s.span_id).collect();
+        assert_eq!(attempts.len(), 1, "one attempt of {step}");
+        assert_eq!(attempts[0].attr("switchyard.step.attempt"), Some("1"));
+        assert_eq!(attempts[0].attr("gen_ai.workflow.name"), Some("traced"));
+    }
+
+    // The http step is an HTTP client span; its URL has no query.
+    let get = one(&spans, "GET");
+    assert_eq!(get.kind, 3, "client");
+    assert_eq!(get.attr("http.request.method"), Some("GET"));
+    assert_eq!(get.attr("url.full"), Some(counter.url("/hit/fetch").as_str()));
+    assert_eq!(get.attr("http.response.status_code"), Some("200"));
+    // ... and the request carried its span as `traceparent`.
+    let call = &counter.calls_to("fetch")[0];
+    assert_eq!(call.headers.get("traceparent"), Some(&format!("00-{CALLER_TRACE}-{}-01", get.span_id)));
+
+    // The decision, on the decide attempt's span.
+    let decide = one(&spans, "decide triage");
+    assert_eq!(decide.attr("switchyard.decision.choice"), Some("bug"));
+    assert_eq!(decide.attr("switchyard.decision.confidence"), Some("0.92"));
+    assert_eq!(decide.attr("switchyard.decision.fallback_used"), Some("false"));
+
+    // Model calls: `chat {model}` client spans under their attempts.
+    let chats = named(&spans, "chat test-model");
+    assert_eq!(chats.len(), 2, "one chat span per model call");
+    let decide_chat = chats.iter().find(|c| c.parent_id == decide.span_id).expect("the decide's call");
+    assert_eq!(decide_chat.kind, 3);
+    assert_eq!(decide_chat.attr("gen_ai.operation.name"), Some("chat"));
+    assert_eq!(decide_chat.attr("gen_ai.provider.name"), Some("openai"));
+    assert_eq!(decide_chat.attr("gen_ai.request.model"), Some("test-model"));
+    assert_eq!(decide_chat.attr("gen_ai.response.model"), Some("test-model"));
+    assert_eq!(decide_chat.attr("gen_ai.response.finish_reasons"), Some("stop"));
+    assert_eq!(decide_chat.attr("gen_ai.usage.input_tokens"), Some("30"));
+    assert_eq!(decide_chat.attr("gen_ai.usage.output_tokens"), Some("7"));
+    assert_eq!(decide_chat.attr("server.address"), Some("127.0.0.1"));
+    assert!(decide_chat.attr("server.port").is_some());
+    let llm = one(&spans, "llm summary");
+    let llm_chat = chats.iter().find(|c| c.parent_id == llm.span_id).expect("the llm's call");
+    assert_eq!(llm_chat.attr("gen_ai.usage.output_tokens"), Some("5"));
+    // Model requests carried the trace.
+    for request in model.requests() {
+        let tp = request.headers.get("traceparent").expect("a model request carries traceparent");
+        assert!(tp.starts_with(&format!("00-{CALLER_TRACE}-")), "{tp}");
+    }
+
+    // A map's children are runs under the map's attempt.
+    let map = one(&spans, "map fan");
+    let children: Vec<_> = spans.iter().filter(|s| s.parent_id == map.span_id).collect();
+    assert_eq!(children.len(), 2, "two child runs under the map attempt");
+    for child in children {
+        assert!(child.name.starts_with("invoke_workflow "), "{}", child.name);
+        let steps: Vec<_> = spans.iter().filter(|s| s.parent_id == child.span_id).collect();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].name, "step double");
+    }
+
+    // Content is off by default: no prompt, answer, rationale, query or key.
+    let text = all_text(&spans);
+    for canary in ["PROMPT-CANARY", "ANSWER-CANARY", "RATIONALE-CANARY", "QUERY-CANARY", "sk-telemetry-canary-key"] {
+        assert!(!text.contains(canary), "{canary} leaked onto a span:\n{text}");
+    }
+    assert!(!text.contains("/op/"), "no idempotency keys on spans");
+    for s in &spans {
+        assert!(s.start_ns <= s.end_ns, "{} ends after it starts", s.name);
+    }
+    receiver.stop().await;
+    model.stop().await;
+    counter.stop().await;
+}
+
+#[tokio::test]
+async fn content_goes_on_spans_only_when_asked_and_never_credentials() {
+    switchyard_tests::install_crypto_provider();
+    let dir = temp_dir("otel-content");
+    let (receiver, model, counter) =
+        (OtlpReceiver::start().await, ModelServer::start().await, CounterServer::start().await);
+    model.always(Reply::text("ANSWER-CANARY fine"));
+    let file = dir.join("c.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name: content
+steps:
+  - id: ask
+    kind: llm
+    with:
+      prompt: "PROMPT-CANARY {{{{ input.q }}}}"
+  - id: post
+    kind: http
+    needs: [ask]
+    with:
+      method: POST
+      url: "{}"
+      headers: {{Authorization: "Bearer HEADER-CANARY"}}
+      json: {{text: "{{{{ steps.ask.output.text }}}}"}}
+"#,
+            counter.url("/hit/post")
+        ),
+    )
+    .unwrap();
+    let out = output_within(
+        switchyard(&dir.join("db"), &receiver.endpoint(), &model)
+            .env("SWITCHYARD_OTEL_CAPTURE_CONTENT", "true")
+            .arg("run")
+            .arg(&file)
+            .arg("--input")
+            .arg(r#"{"q": "why"}"#),
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = receiver.spans();
+    let chat = one(&spans, "chat test-model");
+    assert!(chat.attr("gen_ai.output.messages").is_some_and(|m| m.contains("ANSWER-CANARY")), "{chat:?}");
+    let ask = one(&spans, "llm ask");
+    assert!(ask.attr("switchyard.step.input").is_some_and(|i| i.contains("PROMPT-CANARY why")), "{ask:?}");
+    let text = all_text(&spans);
+    assert!(!text.contains("HEADER-CANARY"), "a credential header leaked:\n{text}");
+    assert!(!text.contains("sk-telemetry-canary-key"));
+    // Without a caller's span, the trace id is the run id.
+    let run = one(&spans, "invoke_workflow content");
+    assert_eq!(run.parent_id, "");
+    assert_eq!(run.trace_id, run.attr("switchyard.run.id").unwrap().replace('-', ""));
+    receiver.stop().await;
+    model.stop().await;
+    counter.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_traceparent_or_telemetry_setting_exits_2_naming_it() {
+    let dir = temp_dir("otel-bad");
+    let model = ModelServer::start().await;
+    let file = dir.join("t.yaml");
+    std::fs::write(&file, "name: t\nsteps:\n  - id: a\n    kind: transform\n    with: {value: 1}\n").unwrap();
+    let out = output_within(
+        switchyard(&dir.join("db"), "http://127.0.0.1:9", &model)
+            .arg("run")
+            .arg(&file)
+            .arg("--traceparent")
+            .arg("00-zz"),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("traceparent"));
+    for (var, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+        ("SWITCHYARD_OTEL_CAPTURE_CONTENT", "yes please"),
+        ("OTEL_SDK_DISABLED", "maybe"),
+        ("SWITCHYARD_LOG_FORMAT", "xml"),
+    ] {
+        let out = output_within(
+            switchyard(&dir.join("db"), "http://127.0.0.1:9", &model).env(var, value).arg("run").arg(&file),
+        )
+        .await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        assert!(!stderr.contains(value), "the value is not echoed: {stderr}");
+    }
+    // Disabled: nothing exported, the run works.
+    let receiver = OtlpReceiver::start().await;
+    let out = output_within(
+        switchyard(&dir.join("db"), &receiver.endpoint(), &model)
+            .env("OTEL_SDK_DISABLED", "true")
+            .arg("run")
+            .arg(&file),
+    )
+    .await;
+    assert!(out.status.success());
+    assert_eq!(receiver.received().requests, 0);
+    receiver.stop().await;
+    model.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_sigkill_the_resumed_spans_are_in_the_same_trace_and_nothing_completed_is_reported_twice() {
+    switchyard_tests::install_crypto_provider();
+    let dir = temp_dir("otel-kill");
+    let (receiver, model, counter) =
+        (OtlpReceiver::start().await, ModelServer::start().await, CounterServer::start().await);
+    model.always(Reply::text("summary").usage(11, 3));
+    let file = dir.join("k.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name: killed
+steps:
+  - id: first
+    kind: transform
+    with: {{value: 1}}
+  - id: think
+    kind: llm
+    needs: [first]
+    with: {{prompt: "go"}}
+  - id: call
+    kind: http
+    needs: [think]
+    with: {{url: "{}"}}
+  - id: last
+    kind: transform
+    needs: [call]
+    with: {{value: 2}}
+"#,
+            counter.url("/hit/call?hold_first=1")
+        ),
+    )
+    .unwrap();
+    let db = dir.join("db");
+    let mut first = switchyard(&db, &receiver.endpoint(), &model)
+        .env("SWITCHYARD_LEASE", "1s")
+        .arg("run")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(first.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(LIMIT, stderr.next_line()).await.unwrap().unwrap().unwrap();
+    let run_id = line.split_whitespace().nth(1).unwrap().to_owned();
+    // The call is held; the spans of what finished before it have arrived.
+    tokio::time::timeout(LIMIT, counter.wait_for_held("call")).await.unwrap();
+    tokio::time::timeout(LIMIT, receiver.wait_until(|r| r.spans.iter().any(|s| s.name == "chat test-model")))
+        .await
+        .expect("the first process exported the finished steps' spans");
+    first.start_kill().unwrap();
+    let _ = first.wait().await;
+    let before = receiver.spans().len();
+
+    // A worker takes the run over once the lease has run out.
+    let out = output_within(
+        switchyard(&db, &receiver.endpoint(), &model)
+            .env("SWITCHYARD_LEASE", "1s")
+            .args(["worker", "--exit-when-idle"]),
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let spans = receiver.spans();
+    assert!(spans.len() > before);
+    let trace = run_id.replace('-', "");
+    assert!(spans.iter().all(|s| s.trace_id == trace), "one trace, the run's");
+    // Completed work is not reported again.
+    assert_eq!(named(&spans, "step first").len(), 1);
+    assert_eq!(named(&spans, "transform first").len(), 1);
+    assert_eq!(named(&spans, "chat test-model").len(), 1, "the model call is not reported twice");
+    assert_eq!(model.count(), 1, "nor made twice");
+    // The interrupted attempt is reported by the process that went on, and
+    // the new attempt links to it.
+    let attempts = named(&spans, "GET");
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    let interrupted = attempts.iter().find(|a| a.attr("switchyard.step.status") == Some("interrupted")).unwrap();
+    let retried = attempts.iter().find(|a| a.attr("switchyard.step.status") == Some("succeeded")).unwrap();
+    assert_eq!(interrupted.status, 2);
+    assert_eq!(retried.links, vec![(trace.clone(), interrupted.span_id.clone())]);
+    assert_eq!(interrupted.parent_id, retried.parent_id, "sibling attempts under one step span");
+    let step = one(&spans, "step call");
+    assert_eq!(step.span_id, retried.parent_id);
+    let run = one(&spans, "invoke_workflow killed");
+    assert_eq!(step.parent_id, run.span_id);
+    assert_eq!(one(&spans, "step first").parent_id, run.span_id, "spans from both processes share the run span");
+    receiver.stop().await;
+    model.stop().await;
+    counter.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_receiver_down_runs_succeed_the_queue_stays_bounded_and_drops_are_counted() {
+    switchyard_tests::install_crypto_provider();
+    // A receiver that accepts connections and never answers: exports hang
+    // until their timeout, the queue fills, spans are dropped.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hung.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let vars = BTreeMap::from([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{addr}")),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "16".to_owned()),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "10".to_owned()),
+        ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+    ]);
+    let telemetry = Telemetry::from_vars(|k| vars.get(k).cloned(), true).unwrap();
+    assert!(telemetry.is_tracing());
+    let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-down", Arc::new(SystemClock), Limits::default(), options).await;
+    let steps: String = (0..40)
+        .map(|i| {
+            let needs = if i == 0 { String::new() } else { format!("\n    needs: [s{}]", i - 1) };
+            format!("  - id: s{i}\n    kind: transform{needs}\n    with: {{value: {i}}}\n")
+        })
+        .collect();
+    let def = setup.compile(&format!("name: chain\nsteps:\n{steps}"));
+    for _ in 0..5 {
+        let outcome = setup.engine.run(&def, json!({})).await.unwrap();
+        assert_eq!(outcome.status, RunStatus::Succeeded);
+    }
+    // 5 runs x (40 steps x 2 spans + 1) spans, at most 16 queued + 8 in flight.
+    let dropped = telemetry.dropped_spans();
+    assert!(dropped >= 5 * 81 - 24, "dropped {dropped}");
+    let text = telemetry.metrics().unwrap().prometheus_text().unwrap();
+    let metrics = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let counted: f64 = metrics
+        .samples
+        .iter()
+        .filter(|s| s.metric == "switchyard_spans_dropped_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(counted >= dropped as f64 - 1.0, "counter {counted} vs {dropped}");
+    // Shutting down does not wait past its deadline for a hung receiver.
+    let t = telemetry.clone();
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || t.shutdown(Duration::from_millis(300))).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    setup.stop().await;
+    holder.abort();
+}
+
+/// The metric names a Grafana dashboard's queries use.
+fn dashboard_metrics(dashboard: &serde_json::Value) -> BTreeSet<String> {
+    fn walk(v: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(expr)) = map.get("expr") {
+                    // Label names (in `by (...)` and `{...}`) are not metrics.
+                    let mut bare = String::new();
+                    let mut rest = expr.as_str();
+                    while let Some(start) = rest.find(['{', '(']) {
+                        let group = rest[start..].starts_with('{') || rest[..start].trim_end().ends_with("by");
+                        bare.push_str(&rest[..=start]);
+                        rest = &rest[start + 1..];
+                        if group {
+                            let close = if bare.ends_with('{') { '}' } else { ')' };
+                            rest = rest.find(close).map_or("", |end| &rest[end..]);
+                        }
+                    }
+                    bare.push_str(rest);
+                    for word in bare.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                        if word.starts_with("switchyard_") || word.starts_with("gen_ai_") {
+                            out.insert(word.to_owned());
+                        }
+                    }
+                }
+                map.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dashboard, &mut out);
+    out
+}
+
+#[tokio::test]
+async fn prometheus_text_parses_and_has_every_metric_the_dashboard_queries() {
+    switchyard_tests::install_crypto_provider();
+    let telemetry = Telemetry::from_vars(|_| None, true).unwrap();
+    assert!(!telemetry.is_tracing(), "no endpoint, no span export");
+    let prices =
+        switchyard_orchestrator::report::Prices::parse(r#"{"test-model": {"input": 1, "output": 2}}"#).unwrap();
+    let options = EngineOptions { telemetry: telemetry.clone(), prices: Arc::new(prices), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-prom", Arc::new(SystemClock), Limits::default(), options).await;
+    setup.server.always(Reply::json(json!({"choice": "a", "confidence": 0.9, "rationale": "r"})).usage(100, 10));
+    let def = setup.compile(
+        "name: prom\nsteps:\n  - id: pick\n    kind: decide\n    with:\n      prompt: x\n      choices: {a: first, b: second}\n  - id: bad\n    kind: transform\n    needs: [pick]\n    retry: {max_attempts: 2, initial_delay: 1ms}\n    with: {value: \"{{ 1 / 0 }}\"}\n",
+    );
+    let outcome = setup.engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    let ok = setup.compile("name: fine\nsteps:\n  - id: t\n    kind: transform\n    with: {value: 1}\n");
+    assert_eq!(setup.engine.run(&ok, json!({})).await.unwrap().status, RunStatus::Succeeded);
+
+    let text = telemetry.metrics().unwrap().prometheus_text().unwrap();
+    let scrape =
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("valid Prometheus text");
+    let names: BTreeSet<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/switchyard.json")).unwrap(),
+    )
+    .unwrap();
+    let wanted = dashboard_metrics(&dashboard);
+    assert!(wanted.len() >= 10, "{wanted:?}");
+    for metric in &wanted {
+        // A histogram is queried by its series; the text has them all.
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| metric.strip_suffix(s)).unwrap_or(metric);
+        assert!(
+            names.contains(metric.as_str()) || names.contains(base),
+            "the dashboard queries {metric}, which is not exported; have: {names:?}"
+        );
+    }
+    // Labels are bounded: workflow names and statuses, never run ids.
+    let finished: Vec<_> = scrape.samples.iter().filter(|s| s.metric == "switchyard_runs_finished_total").collect();
+    let statuses: BTreeSet<String> =
+        finished.iter().filter_map(|s| s.labels.get("switchyard_run_status").map(str::to_owned)).collect();
+    assert_eq!(statuses, BTreeSet::from(["failed".to_owned(), "succeeded".to_owned()]));
+    assert!(!text.contains("switchyard_run_id"), "no run ids as labels");
+    let cost: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "switchyard_llm_cost_usd_total")
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!((cost - 120.0 / 1_000_000.0).abs() < 1e-9, "cost {cost}; text:\n{text}");
+    setup.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_serves_prometheus_metrics() {
+    let dir = temp_dir("otel-worker");
+    let model = ModelServer::start().await;
+    let mut worker = switchyard(&dir.join("db"), "http://127.0.0.1:9", &model)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .args(["worker", "--metrics-listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(worker.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = tokio::time::timeout(LIMIT, stderr.next_line()).await.unwrap().unwrap().expect("a line");
+        if let Some(url) = line.strip_prefix("metrics at ") {
+            break url.to_owned();
+        }
+    };
+    let response = reqwest::get(&url).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert!(scrape.samples.iter().any(|s| s.metric == "switchyard_runs_active"), "{text}");
+    worker.start_kill().unwrap();
+    let _ = worker.wait().await;
+    model.stop().await;
+}
