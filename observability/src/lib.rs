@@ -103,7 +103,7 @@ pub fn init() -> Result<(), ConfigError> {
         .log_internal_errors(false);
     if json {
         // Span fields (a run's `run_id`, `trace_id`, `span_id`) go on each line.
-        let _ = builder.json().with_current_span(true).with_span_list(false).try_init();
+        let _ = builder.json().with_current_span(true).with_span_list(true).try_init();
     } else {
         let ansi = colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
         let _ = builder.with_ansi(ansi).try_init();

@@ -577,6 +577,9 @@ async fn serve_metrics(addr: std::net::SocketAddr) -> Result<MetricsServer> {
     Ok(MetricsServer(task))
 }
 
+/// Child runs `runs show` shows in full; the rest are listed by id and status.
+const SHOWN_CHILDREN: usize = 50;
+
 /// Stops the metrics endpoint when dropped.
 struct MetricsServer(tokio::task::JoinHandle<()>);
 
@@ -680,8 +683,21 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
                 report::Prices::parse(&text).map_err(ConfigError)?.apply(&mut steps);
             }
             let children = store.children(run).await?;
+            // The first children are shown in full, with their steps.
+            let mut shown = Vec::new();
+            for c in children.iter().take(SHOWN_CHILDREN) {
+                let j = store.journal(&c.id).await?;
+                shown.push(report::ChildTimeline::new(&r.id, c.clone(), &j));
+            }
+            let trace_id = if r.parent_id.is_none() {
+                crate::engine::trace_id(&r.id, entries.first().map(|e| &e.event))
+            } else {
+                let root = store.journal(&r.root_id).await?;
+                crate::engine::trace_id(&r.root_id, root.first().map(|e| &e.event))
+            };
             if *json {
-                let detail = report::run_detail(&r, &steps, &children, journal.then_some(&entries[..]));
+                let detail =
+                    report::run_detail(&r, &steps, &children, &shown, journal.then_some(&entries[..]), trace_id);
                 outln!("{}", report::json_pretty(&detail)?)?;
                 return Ok(ExitCode::SUCCESS);
             }
@@ -692,6 +708,7 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             }
             put!(text, "workflow: {} v{}", printable(&r.workflow), r.version);
             put!(text, "status:   {}", r.status);
+            put!(text, "trace:    {trace_id}");
             put!(text, "created:  {}", report::format_ms(r.created_at));
             match r.wake_at {
                 Some(at) if r.status == RunStatus::Waiting => put!(text, "wakes:    {}", report::format_ms(at)),
@@ -707,9 +724,12 @@ async fn runs(cli: &Cli, store: Arc<dyn Store>, command: &RunsCommand) -> Result
             if let Some(e) = &r.error {
                 put!(text, "error:    {}: {}", printable(&e.code), printable(&e.message));
             }
-            put!(text, "steps:");
-            text.push_str(&report::render(&steps));
-            if !children.is_empty() {
+            let end = entries.last().map_or(r.updated_at, |e| e.at).max(r.finished_at.unwrap_or(0));
+            put!(text, "timeline: from {} ({} ms)", report::format_ms(r.created_at), (end - r.created_at).max(0));
+            text.push_str(&report::render_timeline(&steps, r.created_at, end, &shown));
+            if children.len() > shown.len() {
+                put!(text, "child runs: {} ({} shown)", children.len(), shown.len());
+            } else if !children.is_empty() {
                 put!(text, "child runs: {}", children.len());
             }
             if *journal {

@@ -566,6 +566,7 @@ impl Compiler<'_> {
             input_schema,
             input_json: spec.input.clone(),
             concurrency: spec.concurrency,
+            confidential: spec.confidential,
             index: steps.iter().enumerate().map(|(i, s)| (s.id.clone(), i)).collect(),
             steps,
             order,
@@ -661,6 +662,8 @@ impl Compiler<'_> {
                             steps,
                             output: cfg.output,
                             limits: Default::default(),
+                            // Inherited at run time from the calling run.
+                            confidential: false,
                         };
                         let name = format!("{}.{}", self.names.last().map(String::as_str).unwrap_or(file), s.id);
                         self.workflow(file, &format!("{with_place}."), name, spec).map(Arc::new)

@@ -34,6 +34,22 @@ pub struct StepSummary {
     pub decision: Option<Decision>,
     /// The run its result was copied from (`runs rerun`; status `reused`).
     pub reused_from: Option<String>,
+    /// Each attempt, in order.
+    pub attempt_list: Vec<AttemptSummary>,
+}
+
+/// One attempt of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct AttemptSummary {
+    pub attempt: u32,
+    pub started_at: i64,
+    /// `None` while it runs (or if its process died: then it is
+    /// `interrupted`, ended by the next attempt's start).
+    pub ended_at: Option<i64>,
+    /// `running`, `waiting`, `succeeded`, `failed`, `retrying`,
+    /// `continued`, `interrupted`.
+    pub status: String,
+    pub error: Option<StepError>,
 }
 
 /// Model calls of a step, from its journaled `llm_call` operations. Calls,
@@ -220,6 +236,18 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
                 s.started_at.get_or_insert(e.at);
                 // An earlier attempt still open was interrupted: it counts 0.
                 open.insert(step.clone(), e.at);
+                if let Some(last) = s.attempt_list.last_mut()
+                    && last.ended_at.is_none()
+                {
+                    last.status = "interrupted".into();
+                }
+                s.attempt_list.push(AttemptSummary {
+                    attempt: *attempt,
+                    started_at: e.at,
+                    ended_at: None,
+                    status: "running".into(),
+                    error: None,
+                });
             }
             Event::StepSucceeded { step, output, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
@@ -227,6 +255,7 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
                 s.error = None;
                 s.decision = Decision::from_output(output);
                 end(s, &mut open, e.at);
+                end_attempt(s, e.at, "succeeded", None);
             }
             Event::StepOp { step, name, value, .. } if name == switchyard_steps::llm::CALL_OP => {
                 let s = entry(&mut by_id, &mut order, step);
@@ -253,15 +282,27 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
                     (None, false) => "failed".into(),
                 };
                 end(s, &mut open, e.at);
+                let status = match (retry_at, continued) {
+                    (Some(_), _) => "retrying",
+                    (None, true) => "continued",
+                    (None, false) => "failed",
+                };
+                end_attempt(s, e.at, status, Some(error.clone()));
             }
             Event::StepSuspended { step, until, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
                 s.status = "waiting".into();
                 s.note = Some(format!("until {}", format_ms(*until)));
+                if let Some(a) = s.attempt_list.last_mut() {
+                    a.status = "waiting".into();
+                }
             }
             Event::StepWaiting { step, signal, until, .. } => {
                 let s = entry(&mut by_id, &mut order, step);
                 s.status = "waiting".into();
+                if let Some(a) = s.attempt_list.last_mut() {
+                    a.status = "waiting".into();
+                }
                 let what = match signal {
                     Some(name) => format!("for signal {name}"),
                     None => "for its child runs".to_owned(),
@@ -280,6 +321,106 @@ pub fn steps(journal: &[JournalEntry]) -> Vec<StepSummary> {
         }
     }
     order.into_iter().filter_map(|id| by_id.remove(&id)).collect()
+}
+
+fn end_attempt(s: &mut StepSummary, at: i64, status: &str, error: Option<StepError>) {
+    if let Some(a) = s.attempt_list.last_mut()
+        && a.ended_at.is_none()
+    {
+        a.ended_at = Some(at);
+        a.status = status.to_owned();
+        a.error = error;
+    }
+}
+
+/// A child run in a timeline: under the step that started it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChildTimeline {
+    pub record: RunRecord,
+    /// Its id below the parent's (`fan/0`).
+    pub name: String,
+    /// The parent's step it belongs to.
+    pub step: String,
+    pub steps: Vec<StepSummary>,
+}
+
+impl ChildTimeline {
+    /// Child run `record` of run `parent`, with its journal.
+    pub fn new(parent: &str, record: RunRecord, journal: &[JournalEntry]) -> Self {
+        let rest = record.id.strip_prefix(parent).and_then(|r| r.strip_prefix('/')).unwrap_or(&record.id);
+        let step = rest.split('/').next().unwrap_or_default().to_owned();
+        let name = rest.to_owned();
+        Self { record, name, step, steps: steps(journal) }
+    }
+}
+
+/// Width of a timeline bar, in characters.
+const BAR: usize = 24;
+
+/// The run's steps as a timeline: each step's line (status, attempts,
+/// time, error or note; the decision, model tokens and cost below it),
+/// then one line per attempt with its start offset from `origin` (the
+/// run's start), its duration and a bar placing it within `origin..end`,
+/// and the step's child runs nested under it.
+pub fn render_timeline(steps: &[StepSummary], origin: i64, end: i64, children: &[ChildTimeline]) -> String {
+    let mut out = String::new();
+    timeline_into(&mut out, steps, origin, end, children, "  ");
+    if let Some((input, output, cost)) = llm_totals(steps) {
+        let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
+        let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
+    }
+    if let Some((input, output)) = llm_reused_totals(steps) {
+        let _ = writeln!(out, "  reused model tokens (not paid again): {input} in + {output} out");
+    }
+    out
+}
+
+fn timeline_into(
+    out: &mut String,
+    steps: &[StepSummary],
+    origin: i64,
+    end: i64,
+    children: &[ChildTimeline],
+    indent: &str,
+) {
+    let span = (end - origin).max(1);
+    let width = id_width(steps);
+    for s in steps {
+        let table = render_step(s, indent, width);
+        out.push_str(&table);
+        let pad = format!("{indent}    ");
+        for a in &s.attempt_list {
+            let offset = a.started_at - origin;
+            let took = a.ended_at.map(|e| format!("{} ms", (e - a.started_at).max(0))).unwrap_or_else(|| "-".into());
+            let from = ((offset.max(0) as f64 / span as f64) * BAR as f64).floor() as usize;
+            let to = ((a.ended_at.unwrap_or(end) - origin).max(0) as f64 / span as f64 * BAR as f64).ceil() as usize;
+            let (from, to) = (from.min(BAR - 1), to.clamp(from.min(BAR - 1) + 1, BAR));
+            let bar: String = (0..BAR).map(|i| if i >= from && i < to { '█' } else { '·' }).collect();
+            let error = a.error.as_ref().map(|e| format!("  {}: {}", printable(&e.code), printable(&e.message)));
+            let _ = writeln!(
+                out,
+                "{pad}#{:<3} +{:<9} {took:>9}  |{bar}|  {}{}",
+                a.attempt,
+                format!("{offset} ms"),
+                printable(&a.status),
+                error.unwrap_or_default()
+            );
+        }
+        let mine: Vec<&ChildTimeline> = children.iter().filter(|c| c.step == s.id).collect();
+        for c in mine {
+            let took = c.record.finished_at.map(|f| format!(", {} ms", (f - c.record.created_at).max(0)));
+            let _ = writeln!(
+                out,
+                "{pad}child {} ({} v{}): {}{}",
+                printable(&c.name),
+                printable(&c.record.workflow),
+                c.record.version,
+                c.record.status,
+                took.unwrap_or_default()
+            );
+            timeline_into(out, &c.steps, origin, end, &[], &format!("{pad}  "));
+        }
+    }
 }
 
 /// Unix milliseconds as RFC 3339 text in UTC, `2025-01-31T08:00:00.000Z`.
@@ -389,10 +530,30 @@ fn escape_json(text: String) -> String {
 
 /// One line per step, for terminals.
 pub fn render(steps: &[StepSummary]) -> String {
-    let ids: Vec<Cow<'_, str>> = steps.iter().map(|s| printable(&s.id)).collect();
-    let width = ids.iter().map(|id| id.chars().count()).max().unwrap_or(4).max(4);
     let mut out = String::new();
-    for (s, id) in steps.iter().zip(&ids) {
+    let width = id_width(steps);
+    for s in steps {
+        out.push_str(&render_step(s, "  ", width));
+    }
+    if let Some((input, output, cost)) = llm_totals(steps) {
+        let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
+        let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
+    }
+    if let Some((input, output)) = llm_reused_totals(steps) {
+        let _ = writeln!(out, "  reused model tokens (not paid again): {input} in + {output} out");
+    }
+    out
+}
+
+fn id_width(steps: &[StepSummary]) -> usize {
+    steps.iter().map(|s| printable(&s.id).chars().count()).max().unwrap_or(4).max(4)
+}
+
+/// A step's line, and its decision and model use below it.
+fn render_step(s: &StepSummary, indent: &str, width: usize) -> String {
+    let id = printable(&s.id);
+    let mut out = String::new();
+    {
         let took = s.duration_ms.map(|ms| format!("{ms} ms")).unwrap_or_default();
         let attempts = match s.attempts {
             0 => String::new(),
@@ -405,8 +566,8 @@ pub fn render(steps: &[StepSummary]) -> String {
             _ => String::new(),
         };
         let status = printable(&s.status);
-        let _ = writeln!(out, "  {id:<width$}  {status:<18} {attempts:<11} {took:>8}{detail}");
-        let pad = " ".repeat(width + 4);
+        let _ = writeln!(out, "{indent}{id:<width$}  {status:<18} {attempts:<11} {took:>8}{detail}");
+        let pad = format!("{indent}  ");
         if let Some(d) = &s.decision {
             let confidence = d.confidence.map(|c| format!(" (confidence {c:.2})")).unwrap_or_default();
             let fallback =
@@ -443,13 +604,6 @@ pub fn render(steps: &[StepSummary]) -> String {
             }
             let _ = writeln!(out, "{pad}{line}");
         }
-    }
-    if let Some((input, output, cost)) = llm_totals(steps) {
-        let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
-        let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
-    }
-    if let Some((input, output)) = llm_reused_totals(steps) {
-        let _ = writeln!(out, "  reused model tokens (not paid again): {input} in + {output} out");
     }
     out
 }
@@ -517,6 +671,9 @@ pub struct RunDetail<'a> {
     /// When a `waiting` run wakes; `null` for any other status.
     pub wake_at: Option<String>,
     pub wake_at_ms: Option<i64>,
+    /// The run's OpenTelemetry trace id (hex): the caller's, when the run
+    /// was started with a `traceparent`, else the run id's UUID.
+    pub trace_id: String,
     pub steps: Vec<StepDetail<'a>>,
     pub children: Vec<ChildItem<'a>>,
     /// Only with `--journal`.
@@ -541,14 +698,36 @@ pub struct StepDetail<'a> {
     pub decision: Option<&'a Decision>,
     /// The run a `reused` step's result was copied from.
     pub reused_from: Option<&'a str>,
+    /// Each attempt, with its start as an offset from the run's start.
+    pub timeline: Vec<AttemptDetail<'a>>,
 }
 
-/// One child run of [`RunDetail`].
+/// One attempt of [`StepDetail`].
+#[derive(Debug, Serialize)]
+pub struct AttemptDetail<'a> {
+    pub attempt: u32,
+    pub status: &'a str,
+    pub start_offset_ms: i64,
+    pub duration_ms: Option<i64>,
+    pub started_at: String,
+    pub started_at_ms: i64,
+    pub ended_at: Option<String>,
+    pub ended_at_ms: Option<i64>,
+    pub error: Option<&'a StepError>,
+}
+
+/// One child run of [`RunDetail`]; `steps` only for the children shown
+/// in full (see `runs show`).
 #[derive(Debug, Serialize)]
 pub struct ChildItem<'a> {
     pub id: &'a str,
     pub workflow: &'a str,
     pub status: RunStatus,
+    /// The parent's step that started it.
+    pub step: Option<&'a str>,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+    pub steps: Option<Vec<StepDetail<'a>>>,
 }
 
 /// One journal entry of [`RunDetail`]: the event as it is stored.
@@ -565,9 +744,12 @@ pub fn run_detail<'a>(
     r: &'a RunRecord,
     steps: &'a [StepSummary],
     children: &'a [RunRecord],
+    shown: &'a [ChildTimeline],
     journal: Option<&'a [JournalEntry]>,
+    trace_id: String,
 ) -> RunDetail<'a> {
     let wake_at = r.wake_at.filter(|_| r.status == RunStatus::Waiting);
+    let origin = r.created_at;
     RunDetail {
         id: &r.id,
         parent_id: r.parent_id.as_deref(),
@@ -587,25 +769,23 @@ pub fn run_detail<'a>(
         finished_at_ms: r.finished_at,
         wake_at: wake_at.map(format_ms),
         wake_at_ms: wake_at,
-        steps: steps
+        trace_id,
+        steps: step_details(steps, origin),
+        children: children
             .iter()
-            .map(|s| StepDetail {
-                id: &s.id,
-                status: &s.status,
-                attempts: s.attempts,
-                duration_ms: s.duration_ms,
-                started_at: s.started_at.map(format_ms),
-                started_at_ms: s.started_at,
-                ended_at: s.ended_at.map(format_ms),
-                ended_at_ms: s.ended_at,
-                error: s.error.as_ref(),
-                note: s.note.as_deref(),
-                llm: s.llm.as_ref(),
-                decision: s.decision.as_ref(),
-                reused_from: s.reused_from.as_deref(),
+            .map(|c| {
+                let full = shown.iter().find(|t| t.record.id == c.id);
+                ChildItem {
+                    id: &c.id,
+                    workflow: &c.workflow,
+                    status: c.status,
+                    step: full.map(|t| t.step.as_str()),
+                    created_at_ms: c.created_at,
+                    finished_at_ms: c.finished_at,
+                    steps: full.map(|t| step_details(&t.steps, origin)),
+                }
             })
             .collect(),
-        children: children.iter().map(|c| ChildItem { id: &c.id, workflow: &c.workflow, status: c.status }).collect(),
         journal: journal.map(|entries| {
             entries
                 .iter()
@@ -613,6 +793,42 @@ pub fn run_detail<'a>(
                 .collect()
         }),
     }
+}
+
+fn step_details(steps: &[StepSummary], origin: i64) -> Vec<StepDetail<'_>> {
+    steps
+        .iter()
+        .map(|s| StepDetail {
+            id: &s.id,
+            status: &s.status,
+            attempts: s.attempts,
+            duration_ms: s.duration_ms,
+            started_at: s.started_at.map(format_ms),
+            started_at_ms: s.started_at,
+            ended_at: s.ended_at.map(format_ms),
+            ended_at_ms: s.ended_at,
+            error: s.error.as_ref(),
+            note: s.note.as_deref(),
+            llm: s.llm.as_ref(),
+            decision: s.decision.as_ref(),
+            reused_from: s.reused_from.as_deref(),
+            timeline: s
+                .attempt_list
+                .iter()
+                .map(|a| AttemptDetail {
+                    attempt: a.attempt,
+                    status: &a.status,
+                    start_offset_ms: a.started_at - origin,
+                    duration_ms: a.ended_at.map(|e| (e - a.started_at).max(0)),
+                    started_at: format_ms(a.started_at),
+                    started_at_ms: a.started_at,
+                    ended_at: a.ended_at.map(format_ms),
+                    ended_at_ms: a.ended_at,
+                    error: a.error.as_ref(),
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

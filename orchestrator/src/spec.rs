@@ -24,6 +24,11 @@ pub struct Spec {
     pub output: Option<Value>,
     #[serde(default)]
     pub limits: LimitsSpec,
+    /// Content (inputs, outputs, prompts, answers) never goes on spans, not
+    /// even with `SWITCHYARD_OTEL_CAPTURE_CONTENT=true`; its child
+    /// workflows are confidential too.
+    #[serde(default)]
+    pub confidential: bool,
 }
 
 /// What one run may use.

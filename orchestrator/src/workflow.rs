@@ -23,6 +23,8 @@ pub struct Workflow {
     /// The `input` schema as written (an agent's workflow tool offers it).
     pub(crate) input_json: Option<serde_json::Value>,
     pub(crate) concurrency: Option<u32>,
+    /// `confidential: true` (see [`crate::spec::Spec::confidential`]).
+    pub(crate) confidential: bool,
     pub(crate) steps: Vec<Step>,
     /// Step ids to indexes.
     pub(crate) index: HashMap<String, usize>,
@@ -49,6 +51,10 @@ impl Workflow {
     }
     pub fn concurrency(&self) -> Option<u32> {
         self.concurrency
+    }
+
+    pub fn confidential(&self) -> bool {
+        self.confidential
     }
     /// The run's model-token budget (`limits.llm_tokens`).
     pub fn llm_tokens(&self) -> Option<u64> {

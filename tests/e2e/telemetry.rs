@@ -598,3 +598,314 @@ async fn the_worker_serves_prometheus_metrics() {
     let _ = worker.wait().await;
     model.stop().await;
 }
+
+#[tokio::test]
+async fn runs_show_prints_a_timeline_and_its_json_matches_the_published_schema() {
+    switchyard_tests::install_crypto_provider();
+    let dir = temp_dir("otel-show");
+    let (model, counter) = (ModelServer::start().await, CounterServer::start().await);
+    model.always(Reply::json(json!({"choice": "bug", "confidence": 0.8, "rationale": "it crashes"})).usage(40, 9));
+    let file = dir.join("s.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+name: shown
+steps:
+  - id: flaky
+    kind: http
+    retry: {{max_attempts: 3, initial_delay: 1ms}}
+    with: {{url: "{}"}}
+  - id: triage
+    kind: decide
+    needs: [flaky]
+    with:
+      prompt: "x"
+      choices: {{refund: r, bug: b}}
+  - id: fan
+    kind: map
+    needs: [flaky]
+    with:
+      items: [1, 2]
+      steps:
+        - id: double
+          kind: transform
+          with: {{value: "{{{{ input.item * 2 }}}}"}}
+"#,
+            counter.url("/hit/flaky?fail_first=1")
+        ),
+    )
+    .unwrap();
+    let db = dir.join("db");
+    let plain = |cmd: &mut Command| {
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+    };
+    let mut run = switchyard(&db, "", &model);
+    plain(&mut run);
+    let out = output_within(run.arg("run").arg(&file)).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let id = stderr.split_whitespace().nth(1).unwrap().to_owned();
+
+    let mut show = switchyard(&db, "", &model);
+    plain(&mut show);
+    let out = output_within(show.args(["runs", "show", &id])).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("trace:    {}", id.replace('-', ""))), "{text}");
+    assert!(text.contains("timeline: from "), "{text}");
+    // Both attempts of the flaky step, with offsets, durations and bars.
+    let attempt_lines: Vec<&str> = text.lines().filter(|l| l.trim_start().starts_with('#')).collect();
+    assert!(
+        attempt_lines.iter().any(|l| l.contains("#1") && l.contains("retrying") && l.contains("http_503")),
+        "{text}"
+    );
+    assert!(attempt_lines.iter().any(|l| l.contains("#2") && l.contains("succeeded") && l.contains('█')), "{text}");
+    assert!(text.contains("decided bug (confidence 0.80)"), "{text}");
+    assert!(text.contains("rationale: it crashes"), "{text}");
+    assert!(text.contains("40 in + 9 out tokens"), "{text}");
+    assert!(text.contains("child fan/0"), "{text}");
+
+    let mut show = switchyard(&db, "", &model);
+    plain(&mut show);
+    let out = output_within(show.args(["runs", "show", &id, "--json", "--journal"])).await;
+    assert!(out.status.success());
+    let detail: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schemas/run-detail.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> =
+        validator.iter_errors(&detail).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "runs show --json does not match the schema: {errors:#?}");
+    // The schema is strict: an unknown field or a missing one fails it.
+    let mut extra = detail.clone();
+    extra["steps"][0]["surprise"] = json!(1);
+    assert!(!validator.is_valid(&extra));
+    let mut missing = detail.clone();
+    missing["steps"][0]["timeline"][0].as_object_mut().unwrap().remove("start_offset_ms");
+    assert!(!validator.is_valid(&missing));
+    // And it round-trips: what was printed reads back to the same value.
+    let again: serde_json::Value = serde_json::from_str(&serde_json::to_string(&detail).unwrap()).unwrap();
+    assert_eq!(again, detail);
+
+    let flaky = &detail["steps"][0];
+    assert_eq!(flaky["id"], "flaky");
+    let timeline = flaky["timeline"].as_array().unwrap();
+    assert_eq!(timeline.len(), 2);
+    assert_eq!(timeline[0]["status"], "retrying");
+    assert_eq!(timeline[0]["error"]["code"], "http_503");
+    assert_eq!(timeline[1]["status"], "succeeded");
+    assert!(timeline[1]["start_offset_ms"].as_i64().unwrap() >= timeline[0]["start_offset_ms"].as_i64().unwrap());
+    let triage = detail["steps"].as_array().unwrap().iter().find(|s| s["id"] == "triage").unwrap();
+    assert_eq!(triage["decision"]["choice"], "bug");
+    assert_eq!(triage["llm"]["input_tokens"], 40);
+    let children = detail["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2);
+    assert!(children.iter().all(|c| c["step"] == "fan" && c["steps"][0]["id"] == "double"));
+    assert_eq!(detail["trace_id"], id.replace('-', ""));
+    model.stop().await;
+    counter.stop().await;
+}
+
+#[tokio::test]
+async fn retries_are_sibling_attempts_and_a_resumed_run_is_a_linked_run_span_in_the_same_trace() {
+    switchyard_tests::install_crypto_provider();
+    let receiver = OtlpReceiver::start().await;
+    let counter = CounterServer::start().await;
+    let vars = BTreeMap::from([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "10".to_owned()),
+        ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+    ]);
+    let telemetry = Telemetry::from_vars(|k| vars.get(k).cloned(), false).unwrap();
+    let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-resume", Arc::new(SystemClock), Limits::default(), options).await;
+    // `flaky` fails once then succeeds (two attempts); `gate` fails for
+    // good the first time (status 500, no retries), and passes after resume.
+    let def = setup.compile(&format!(
+        "name: resumed\nsteps:\n  - id: flaky\n    kind: http\n    retry: {{max_attempts: 3, initial_delay: 1ms}}\n    with: {{url: \"{}\"}}\n  - id: gate\n    kind: http\n    needs: [flaky]\n    with: {{url: \"{}\"}}\n",
+        counter.url("/hit/flaky?fail_first=1"),
+        counter.url("/hit/gate?fail_first=1"),
+    ));
+    let first = setup.engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(first.status, RunStatus::Failed);
+    setup.engine.resume(&first.id).await.unwrap();
+    let second = setup.engine.wait(&first.id).await.unwrap();
+    assert_eq!(second.status, RunStatus::Succeeded);
+    let t = telemetry.clone();
+    tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(10))).await.unwrap();
+    let spans = receiver.spans();
+    let trace = first.id.replace('-', "");
+    assert!(spans.iter().all(|s| s.trace_id == trace));
+    // Two run spans: the failed one, and the resumed one linked to it.
+    let runs = named(&spans, "invoke_workflow resumed");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let failed = runs.iter().find(|r| r.attr("switchyard.run.status") == Some("failed")).unwrap();
+    let resumed = runs.iter().find(|r| r.attr("switchyard.run.status") == Some("succeeded")).unwrap();
+    assert_eq!(resumed.links, vec![(trace.clone(), failed.span_id.clone())]);
+    assert_eq!(failed.status, 2);
+    // `flaky` ran in the first segment only: one step span, two sibling attempts.
+    let flaky = one(&spans, "step flaky");
+    assert_eq!(flaky.parent_id, failed.span_id);
+    let attempts: Vec<_> = spans.iter().filter(|s| s.parent_id == flaky.span_id).collect();
+    assert_eq!(attempts.len(), 2);
+    let statuses: BTreeSet<_> = attempts.iter().filter_map(|a| a.attr("switchyard.step.status")).collect();
+    assert_eq!(statuses, BTreeSet::from(["retrying", "succeeded"]));
+    assert!(attempts.iter().any(|a| a.attr("http.response.status_code") == Some("503")));
+    // `gate` failed in the first segment and succeeded in the second: a
+    // step span in each run span.
+    let gates = named(&spans, "step gate");
+    assert_eq!(gates.len(), 2);
+    assert!(gates.iter().any(|g| g.parent_id == failed.span_id && g.status == 2));
+    assert!(
+        gates.iter().any(|g| g.parent_id == resumed.span_id && g.attr("switchyard.step.status") == Some("succeeded"))
+    );
+    setup.stop().await;
+    receiver.stop().await;
+    counter.stop().await;
+}
+
+/// Telemetry exporting to `receiver`, flushed by [`flushed`].
+fn exporting(receiver: &OtlpReceiver, capture: bool) -> Telemetry {
+    let mut vars = BTreeMap::from([
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "10".to_owned()),
+        ("OTEL_METRICS_EXPORTER", "none".to_owned()),
+    ]);
+    if capture {
+        vars.insert("SWITCHYARD_OTEL_CAPTURE_CONTENT", "true".to_owned());
+    }
+    Telemetry::from_vars(|k| vars.get(k).cloned(), false).unwrap()
+}
+
+async fn flushed(telemetry: &Telemetry) {
+    let t = telemetry.clone();
+    tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(10))).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_is_an_invoke_agent_span_with_execute_tool_spans_and_tools_carry_the_trace() {
+    switchyard_tests::install_crypto_provider();
+    let receiver = OtlpReceiver::start().await;
+    let counter = CounterServer::start().await;
+    let telemetry = exporting(&receiver, false);
+    let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-agent", Arc::new(SystemClock), Limits::default(), options).await;
+    setup.server.script_all([
+        Reply::tool_calls(vec![("get_alerts", json!({"service": "api"}))]).usage(50, 5),
+        Reply::text("TOOL-ANSWER-CANARY the api is slow").usage(60, 8),
+    ]);
+    let def = setup.compile(&format!(
+        r#"
+name: oncall
+steps:
+  - id: helper
+    kind: agent
+    with:
+      prompt: "Why is api slow?"
+      tools:
+        - name: get_alerts
+          description: Open alerts of a service.
+          parameters: {{type: object, properties: {{service: {{type: string}}}}, required: [service]}}
+          http: {{url: "{}"}}
+"#,
+        counter.url("/hit/alerts")
+    ));
+    let outcome = setup.engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded, "{outcome:?}");
+    flushed(&telemetry).await;
+    let spans = receiver.spans();
+    let agent = one(&spans, "invoke_agent helper");
+    assert_eq!(agent.attr("gen_ai.operation.name"), Some("invoke_agent"));
+    assert_eq!(agent.attr("gen_ai.agent.name"), Some("helper"));
+    let chats: Vec<_> = named(&spans, "chat test-model");
+    assert_eq!(chats.len(), 2);
+    assert!(chats.iter().all(|c| c.parent_id == agent.span_id));
+    let tool = one(&spans, "execute_tool get_alerts");
+    assert_eq!(tool.parent_id, agent.span_id);
+    assert_eq!(tool.attr("gen_ai.operation.name"), Some("execute_tool"));
+    assert_eq!(tool.attr("gen_ai.tool.name"), Some("get_alerts"));
+    assert!(tool.attr("gen_ai.tool.call.id").is_some());
+    assert_eq!(tool.attr("gen_ai.tool.call.result"), None, "no tool results without capture");
+    let call = &counter.calls_to("alerts")[0];
+    assert_eq!(call.headers.get("traceparent"), Some(&format!("00-{}-{}-01", agent.trace_id, agent.span_id)));
+    assert!(!all_text(&spans).contains("TOOL-ANSWER-CANARY"));
+    setup.stop().await;
+    receiver.stop().await;
+    counter.stop().await;
+}
+
+#[tokio::test]
+async fn a_confidential_workflow_puts_no_content_on_spans_even_with_capture_on() {
+    switchyard_tests::install_crypto_provider();
+    let receiver = OtlpReceiver::start().await;
+    let telemetry = exporting(&receiver, true);
+    let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-confidential", Arc::new(SystemClock), Limits::default(), options).await;
+    setup.server.always(Reply::text("SECRET-ANSWER"));
+    let secret = setup.compile(
+        "name: secret\nconfidential: true\nsteps:\n  - id: ask\n    kind: llm\n    with: {prompt: \"SECRET-PROMPT\"}\n  - id: fan\n    kind: map\n    needs: [ask]\n    with:\n      items: [\"SECRET-ITEM\"]\n      steps:\n        - id: echo\n          kind: transform\n          with: {value: \"{{ input.item }}\"}\n",
+    );
+    let outcome = setup.engine.run(&secret, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Succeeded);
+    let open = setup.compile_as(
+        "open.yaml",
+        "name: open\nsteps:\n  - id: ask\n    kind: llm\n    with: {prompt: \"OPEN-PROMPT\"}\n",
+    );
+    assert_eq!(setup.engine.run(&open, json!({})).await.unwrap().status, RunStatus::Succeeded);
+    flushed(&telemetry).await;
+    let spans = receiver.spans();
+    let (secret_spans, open_spans): (Vec<ReceivedSpan>, Vec<ReceivedSpan>) =
+        spans.iter().cloned().partition(|s| s.trace_id == outcome.id.replace('-', ""));
+    assert!(secret_spans.len() >= 6, "the confidential run is traced: {secret_spans:?}");
+    let text = all_text(&secret_spans);
+    for canary in ["SECRET-ANSWER", "SECRET-PROMPT", "SECRET-ITEM"] {
+        assert!(!text.contains(canary), "{canary} on a confidential run's span:\n{text}");
+    }
+    // The other workflow, with capture on, does get its content.
+    assert!(all_text(&open_spans).contains("OPEN-PROMPT"));
+    setup.stop().await;
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_trace_and_span_ids_of_the_run() {
+    let dir = temp_dir("otel-logs");
+    let (receiver, model, counter) =
+        (OtlpReceiver::start().await, ModelServer::start().await, CounterServer::start().await);
+    let file = dir.join("l.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "name: logged\nsteps:\n  - id: call\n    kind: http\n    retry: {{max_attempts: 2, initial_delay: 1ms}}\n    with: {{url: \"{}\"}}\n",
+            counter.url("/hit/call?fail_first=1")
+        ),
+    )
+    .unwrap();
+    let out = output_within(
+        switchyard(&dir.join("db"), &receiver.endpoint(), &model)
+            .env("SWITCHYARD_LOG_FORMAT", "json")
+            .env("SWITCHYARD_LOG", "debug")
+            .arg("run")
+            .arg(&file),
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let id = stderr.lines().find_map(|l| l.strip_prefix("run ")).and_then(|l| l.split_whitespace().next()).unwrap();
+    let lines: Vec<serde_json::Value> =
+        stderr.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    let of_run: Vec<&serde_json::Value> = lines.iter().filter(|l| l["span"]["name"].is_string()).collect();
+    assert!(of_run.len() >= 2, "attempt lines: {lines:#?}");
+    let trace = id.replace('-', "");
+    for line in of_run {
+        assert_eq!(line["span"]["trace_id"], trace.as_str(), "{line}");
+        assert!(line["span"]["span_id"].as_str().is_some_and(|s| s.len() == 16), "{line}");
+        assert!(line["spans"][0]["run_id"] == id, "{line}");
+    }
+    receiver.stop().await;
+    model.stop().await;
+    counter.stop().await;
+}

@@ -28,6 +28,8 @@ pub(crate) struct Parent {
     pub nudge: watch::Receiver<u64>,
     /// The span of the parent's attempt (child runs' spans hang under it).
     pub span: Option<switchyard_observability::SpanContext>,
+    /// No content of the child goes on spans.
+    pub confidential: bool,
 }
 
 fn engine_error(e: impl std::fmt::Display) -> Stop {
@@ -107,7 +109,7 @@ async fn drive_child(
         fence: parent.fence.clone(),
         cancelled_by: Arc::default(),
         nudge: parent.nudge.clone(),
-        trace: super::telemetry::TraceParent::Child(parent.span),
+        trace: super::telemetry::TraceParent::Child { span: parent.span, confidential: parent.confidential },
     };
     let driver = match created {
         Some(entries) => Driver::from_journal(inner.clone(), run, wf.clone(), cancel, &entries),

@@ -419,8 +419,23 @@ impl Driver {
         MjValue::from(steps)
     }
 
-    /// Runs until the run finishes or parks.
-    pub async fn drive(mut self) -> Result<Outcome, DriveError> {
+    /// Runs until the run finishes or parks. Log lines of the drive carry
+    /// the run id and, when the run is traced, its trace and span ids.
+    pub async fn drive(self) -> Result<Outcome, DriveError> {
+        use tracing::Instrument;
+        let span = match self.journal.telemetry().map(|t| t.run_context()) {
+            Some(c) => tracing::error_span!(
+                "run",
+                run_id = %self.run_id,
+                trace_id = %switchyard_observability::hex(&c.trace_id),
+                span_id = %switchyard_observability::hex(&c.span_id),
+            ),
+            None => tracing::error_span!("run", run_id = %self.run_id),
+        };
+        self.drive_logged().instrument(span).await
+    }
+
+    async fn drive_logged(mut self) -> Result<Outcome, DriveError> {
         if let Some(status) = self.finished {
             return Err(DriveError::Invalid(self.run_id.clone(), format!("already {status}")));
         }
@@ -742,9 +757,21 @@ impl Driver {
                 }
             }
         };
+        // Log lines of the attempt name it (and its span, when traced).
+        let log_span = match span {
+            Some(c) => tracing::error_span!(
+                "attempt",
+                step = %id,
+                attempt,
+                trace_id = %switchyard_observability::hex(&c.trace_id),
+                span_id = %switchyard_observability::hex(&c.span_id),
+            ),
+            None => tracing::Span::none(),
+        };
         // A step that panics fails its attempt; the driver (and the process)
         // goes on. The first poll runs on the driver, the rest in a task:
         // both are inside this guard.
+        let attempt_future = tracing::Instrument::instrument(attempt_future, log_span);
         self.launches.push(Box::pin(async move {
             let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(attempt_future)).await {
                 Ok(result) => result,
@@ -822,6 +849,7 @@ impl Driver {
             fence: self.journal.fence().clone(),
             nudge: self.nudge.clone(),
             span,
+            confidential: self.journal.telemetry().is_none_or(|t| !t.captures_content()),
         }
     }
 
@@ -842,6 +870,13 @@ impl Driver {
                 }
             };
             let result = self.checked(i, result);
+            match &result {
+                Ok(_) => tracing::debug!(step = %self.wf.steps[i].id, attempt, "attempt succeeded"),
+                Err(Stop::Error(e)) => {
+                    tracing::debug!(step = %self.wf.steps[i].id, attempt, code = %e.code, "attempt failed")
+                }
+                Err(_) => tracing::debug!(step = %self.wf.steps[i].id, attempt, "attempt waits"),
+            }
             // Its operations not yet sent go first, in the same commit.
             events.append(&mut self.steps[i].unsent.lock().expect("unsent ops"));
             let step = &self.wf.steps[i];

@@ -30,6 +30,16 @@ use crate::store::{self, Claim, Fence, JournalEntry, NewRun, RunRecord, RunUpdat
 use crate::workflow::Definition;
 use driver::{DriveError, Driver, Outcome, RunRef};
 pub use writer::CommitError;
+
+/// The trace id (hex) of the root run `root_id` whose journal starts with
+/// `first`: the caller's when it gave a `traceparent`, else the run id.
+pub fn trace_id(root_id: &str, first: Option<&Event>) -> String {
+    let caller = match first {
+        Some(Event::RunStarted { trace: Some(t), .. }) => switchyard_observability::SpanContext::parse(t).ok(),
+        _ => None,
+    };
+    switchyard_observability::hex(&caller.map(|c| c.trace_id).unwrap_or_else(|| telemetry::root_trace_id(root_id)))
+}
 use writer::Writer;
 
 #[derive(Debug, Clone)]

@@ -40,8 +40,8 @@ pub(crate) enum TraceParent {
     /// `run_started`).
     Root,
     /// A child run: under the parent's attempt span (`None`: the parent
-    /// is not traced).
-    Child(Option<SpanContext>),
+    /// is not traced); `confidential` when a run above it is.
+    Child { span: Option<SpanContext>, confidential: bool },
 }
 
 #[derive(Debug, Default)]
@@ -113,12 +113,14 @@ impl RunTelemetry {
                 let trace_id = caller.map(|c| c.trace_id).unwrap_or_else(|| root_trace_id(run_id));
                 (trace_id, caller, true)
             }
-            TraceParent::Child(Some(c)) => (c.trace_id, Some(c), false),
-            TraceParent::Child(None) => ([0; 16], None, false),
+            TraceParent::Child { span: Some(c), .. } => (c.trace_id, Some(c), false),
+            TraceParent::Child { span: None, .. } => ([0; 16], None, false),
         };
-        let spans = match parent {
-            TraceParent::Root => tel.sampled(trace_id, parent_span.as_ref()),
-            TraceParent::Child(p) => p.is_some_and(|p| p.sampled) && tel.is_tracing(),
+        let (spans, confidential_above) = match parent {
+            TraceParent::Root => (tel.sampled(trace_id, parent_span.as_ref()), false),
+            TraceParent::Child { span, confidential } => {
+                (span.is_some_and(|p| p.sampled) && tel.is_tracing(), confidential)
+            }
         };
         if !spans && tel.metrics().is_none() {
             return None;
@@ -127,7 +129,7 @@ impl RunTelemetry {
             tel: tel.clone(),
             prices: prices.clone(),
             spans,
-            capture: tel.capture_content(),
+            capture: tel.capture_content() && !wf.confidential() && !confidential_above,
             trace_id,
             parent: parent_span.map(|p| p.span_id),
             parent_remote,
@@ -144,6 +146,17 @@ impl RunTelemetry {
             t.apply(entry.at, &entry.event, false);
         }
         Some(t)
+    }
+
+    /// The run span of the current segment (whether or not it is exported:
+    /// logs name it).
+    pub fn run_context(&self) -> SpanContext {
+        self.context(self.run_span_id(self.segment))
+    }
+
+    /// Content may go on this run's spans (and its children's).
+    pub fn captures_content(&self) -> bool {
+        self.capture
     }
 
     /// The span context an attempt's outbound calls carry, and its child
