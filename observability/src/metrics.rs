@@ -198,21 +198,20 @@ impl Metrics {
         self.runs_started.add(1, &[KeyValue::new(GEN_AI_WORKFLOW_NAME, workflow.to_owned())]);
     }
 
-    pub fn run_finished(&self, workflow: &str, status: &str, seconds: f64) {
-        let attrs =
-            [KeyValue::new(GEN_AI_WORKFLOW_NAME, workflow.to_owned()), KeyValue::new(RUN_STATUS, status.to_owned())];
+    pub fn run_finished(&self, workflow: &str, status: &'static str, seconds: f64) {
+        let attrs = [KeyValue::new(GEN_AI_WORKFLOW_NAME, workflow.to_owned()), KeyValue::new(RUN_STATUS, status)];
         self.runs_finished.add(1, &attrs);
         self.run_duration.record(seconds, &attrs);
     }
 
     /// An attempt ended with `status` (`succeeded`, `failed`, `retrying`,
     /// `interrupted`, `cancelled`).
-    pub fn attempt_ended(&self, kind: &str, status: &str, seconds: f64) {
-        let attrs = [KeyValue::new(STEP_KIND, kind.to_owned()), KeyValue::new(STEP_STATUS, status.to_owned())];
+    pub fn attempt_ended(&self, kind: &'static str, status: &'static str, seconds: f64) {
+        let attrs = [KeyValue::new(STEP_KIND, kind), KeyValue::new(STEP_STATUS, status)];
         self.step_attempts.add(1, &attrs);
         self.step_duration.record(seconds, &attrs);
         if status == "retrying" {
-            self.step_retries.add(1, &[KeyValue::new(STEP_KIND, kind.to_owned())]);
+            self.step_retries.add(1, &[KeyValue::new(STEP_KIND, kind)]);
         }
     }
 
@@ -245,8 +244,8 @@ impl Metrics {
         }
     }
 
-    pub(crate) fn dropped_span(&self) {
-        self.spans_dropped.add(1, &[]);
+    pub(crate) fn dropped_spans(&self, n: u64) {
+        self.spans_dropped.add(n, &[]);
     }
 
     /// The metrics in the Prometheus text format, if served.

@@ -7,9 +7,9 @@
 //! so is every span of a batch the receiver did not take.
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{
@@ -59,11 +59,13 @@ impl SpanContext {
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -106,6 +108,10 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Attr {
     Str(String),
+    /// A constant: not copied.
+    Static(&'static str),
+    /// Shared text (a workflow name on every span of a run): not copied.
+    Shared(Arc<str>),
     Int(i64),
     F64(f64),
     Bool(bool),
@@ -197,16 +203,30 @@ impl std::fmt::Debug for Telemetry {
 }
 
 struct Spans {
-    queue: SyncSender<Msg>,
+    queue: Arc<Queue>,
     sampler: Box<dyn ShouldSample>,
     dropped: Arc<AtomicU64>,
     exported: Arc<AtomicU64>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-enum Msg {
-    Span(Box<SpanData>),
-    Flush(SyncSender<()>),
+/// The spans waiting for export. Senders only lock and push; the export
+/// thread is woken once a batch is full (or by its timer), not per span.
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    /// Flushes done, for [`Telemetry::shutdown`].
+    flushed: Condvar,
+    capacity: usize,
+    batch: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    spans: VecDeque<Span>,
+    /// Flushes asked for / done.
+    flush_asked: u64,
+    flush_done: u64,
+    stop: bool,
 }
 
 impl Telemetry {
@@ -270,26 +290,31 @@ impl Telemetry {
         let queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_QUEUE)?.min(1 << 20);
         let batch = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_BATCH)?.min(queue_size);
         let delay = number("OTEL_BSP_SCHEDULE_DELAY", DEFAULT_DELAY.as_millis() as usize)?;
-        let (queue, rx) = std::sync::mpsc::sync_channel(queue_size);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            ready: Condvar::new(),
+            flushed: Condvar::new(),
+            capacity: queue_size,
+            batch,
+        });
         let dropped = Arc::new(AtomicU64::new(0));
         let exported = Arc::new(AtomicU64::new(0));
-        let warned = Arc::new(AtomicBool::new(false));
         let worker = Worker {
-            rx,
+            queue: queue.clone(),
             exporter,
-            batch,
             delay: Duration::from_millis(delay as u64),
             dropped: dropped.clone(),
             exported: exported.clone(),
-            warned,
+            warned: AtomicBool::new(false),
+            metrics: metrics.clone(),
         };
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("otlp-spans".into())
             .spawn(move || worker.run())
             .map_err(|e| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", format!("starting the exporter: {e}")))?;
         // The SDK's reading of OTEL_TRACES_SAMPLER / _ARG.
         let sampler = opentelemetry_sdk::trace::Config::default().sampler;
-        let spans = Spans { queue, sampler, dropped, exported, thread: Mutex::new(Some(thread)) };
+        let spans = Spans { queue, sampler, dropped, exported };
         Ok(Self { spans: Some(Arc::new(spans)), capture_content, metrics })
     }
 
@@ -339,14 +364,36 @@ impl Telemetry {
     /// Queues a finished span for export; drops it (counted) if the queue
     /// is full.
     pub fn emit(&self, span: Span) {
+        self.emit_all(std::iter::once(span));
+    }
+
+    /// Queues spans for export under one lock; those that find the queue
+    /// full are dropped (counted).
+    pub fn emit_all(&self, batch: impl IntoIterator<Item = Span>) {
         let Some(spans) = &self.spans else { return };
-        match spans.queue.try_send(Msg::Span(Box::new(span_data(span)))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                spans.dropped.fetch_add(1, Ordering::Relaxed);
-                if let Some(m) = &self.metrics {
-                    m.dropped_span();
+        let q = &spans.queue;
+        let mut dropped = 0u64;
+        let wake = {
+            let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
+            let before = state.spans.len();
+            for span in batch {
+                if state.stop || state.spans.len() >= q.capacity {
+                    dropped += 1;
+                } else {
+                    state.spans.push_back(span);
                 }
+            }
+            // Woken when spans start waiting (its timer starts) and when a
+            // batch is full.
+            (before == 0 && !state.spans.is_empty()) || (before < q.batch && state.spans.len() >= q.batch)
+        };
+        if wake {
+            q.ready.notify_one();
+        }
+        if dropped > 0 {
+            spans.dropped.fetch_add(dropped, Ordering::Relaxed);
+            if let Some(m) = &self.metrics {
+                m.dropped_spans(dropped);
             }
         }
     }
@@ -368,24 +415,23 @@ impl Telemetry {
     pub fn shutdown(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         if let Some(spans) = &self.spans {
-            let (ack, done) = std::sync::mpsc::sync_channel(1);
-            let mut msg = Msg::Flush(ack);
-            loop {
-                match spans.queue.try_send(msg) {
-                    Ok(()) => {
-                        let _ = done.recv_timeout(deadline.saturating_duration_since(Instant::now()));
-                        break;
-                    }
-                    Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                        msg = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(_) => break,
+            let q = &spans.queue;
+            let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.flush_asked += 1;
+            let target = state.flush_asked;
+            q.ready.notify_one();
+            // Waits for the flush, never past the deadline; then the thread
+            // is told to stop (it is not joined: a hung receiver keeps it
+            // only until its export times out).
+            while state.flush_done < target {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
                 }
+                state = q.flushed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
             }
-            // The thread ends when the last sender is gone; it is not joined
-            // past the deadline.
-            drop(spans.thread.lock().map(|mut t| t.take()));
+            state.stop = true;
+            q.ready.notify_one();
         }
         if let Some(m) = &self.metrics {
             m.shutdown(deadline.saturating_duration_since(Instant::now()));
@@ -424,6 +470,8 @@ fn context(c: &SpanContext) -> OtelContext {
 fn value(a: Attr) -> OtelValue {
     match a {
         Attr::Str(s) => OtelValue::from(s),
+        Attr::Static(s) => OtelValue::from(s),
+        Attr::Shared(s) => OtelValue::String(s.into()),
         Attr::Int(n) => OtelValue::I64(n),
         Attr::F64(n) => OtelValue::F64(n),
         Attr::Bool(b) => OtelValue::Bool(b),
@@ -522,61 +570,72 @@ impl SpanExporterKind {
     }
 }
 
-/// The export thread: collects spans into batches and sends them.
+/// The export thread: takes batches off the queue and sends them.
 struct Worker {
-    rx: Receiver<Msg>,
+    queue: Arc<Queue>,
     exporter: SpanExporterKind,
-    batch: usize,
     delay: Duration,
     dropped: Arc<AtomicU64>,
     exported: Arc<AtomicU64>,
-    warned: Arc<AtomicBool>,
+    warned: AtomicBool,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Worker {
     fn run(self) {
-        let mut batch: Vec<SpanData> = Vec::with_capacity(self.batch);
-        let mut due: Option<Instant> = None;
+        let q = &self.queue;
         loop {
-            let wait = due.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
-            match self.rx.recv_timeout(wait) {
-                Ok(Msg::Span(span)) => {
-                    batch.push(*span);
-                    due.get_or_insert_with(|| Instant::now() + self.delay);
-                    if batch.len() >= self.batch {
-                        self.send(&mut batch);
-                        due = None;
+            // Waits until a batch is full, a flush is asked for, the delay
+            // has passed with spans waiting, or it is told to stop.
+            let (batch, flush, stop) = {
+                let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
+                let since = Instant::now();
+                loop {
+                    let flush = state.flush_asked > state.flush_done;
+                    if state.stop || flush || state.spans.len() >= q.batch {
+                        break;
                     }
+                    let waited = since.elapsed();
+                    if !state.spans.is_empty() && waited >= self.delay {
+                        break;
+                    }
+                    let wait = if state.spans.is_empty() { Duration::from_secs(3600) } else { self.delay - waited };
+                    state = q.ready.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0;
                 }
-                Ok(Msg::Flush(ack)) => {
-                    self.send(&mut batch);
-                    due = None;
-                    let _ = ack.try_send(());
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    self.send(&mut batch);
-                    due = None;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.send(&mut batch);
-                    self.exporter.shutdown();
-                    return;
-                }
+                let flush = state.flush_asked > state.flush_done;
+                let n = if flush || state.stop { state.spans.len() } else { state.spans.len().min(q.batch) };
+                let batch: Vec<Span> = state.spans.drain(..n).collect();
+                (batch, flush.then_some(state.flush_asked), state.stop)
+            };
+            for chunk in batch.chunks(q.batch.max(1)) {
+                self.send(chunk.to_vec());
+            }
+            if let Some(done) = flush {
+                let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.flush_done = state.flush_done.max(done);
+                q.flushed.notify_all();
+            }
+            if stop {
+                self.exporter.shutdown();
+                return;
             }
         }
     }
 
-    fn send(&self, batch: &mut Vec<SpanData>) {
+    fn send(&self, batch: Vec<Span>) {
         if batch.is_empty() {
             return;
         }
         let n = batch.len() as u64;
-        match self.exporter.export(std::mem::take(batch)) {
+        match self.exporter.export(batch.into_iter().map(span_data).collect()) {
             Ok(()) => {
                 self.exported.fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
                 self.dropped.fetch_add(n, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.dropped_spans(n);
+                }
                 if !self.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, spans = n, "exporting spans failed; they are dropped (counted in switchyard_spans_dropped)");
                 } else {

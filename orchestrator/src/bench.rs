@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_observability::Telemetry;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -129,20 +130,105 @@ fn round3(x: f64) -> f64 {
 }
 
 /// Runs the named workloads (`chain40`, `fanout100`) and prints their JSON lines.
-pub async fn run(chosen: &[&str], synchronous_full: bool) -> Result<()> {
+/// With `otlp`, spans and metrics go over OTLP/HTTP to a sink on loopback.
+pub async fn run(chosen: &[&str], synchronous_full: bool, otlp: bool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run_in(&dir, chosen, synchronous_full).await;
+    let sink = if otlp { Some(OtlpSink::start().await?) } else { None };
+    let telemetry = match &sink {
+        Some(sink) => {
+            let endpoint = format!("http://{}", sink.addr);
+            let t = tokio::task::spawn_blocking(move || {
+                // The sink's endpoint; the other `OTEL_*` settings as set.
+                Telemetry::from_vars(
+                    |k| if k == "OTEL_EXPORTER_OTLP_ENDPOINT" { Some(endpoint.clone()) } else { std::env::var(k).ok() },
+                    false,
+                )
+            })
+            .await??;
+            Some(t)
+        }
+        None => None,
+    };
+    let result = run_in(&dir, chosen, synchronous_full, telemetry.clone()).await;
+    if let (Some(t), Some(sink)) = (telemetry, &sink) {
+        let flushed = t.clone();
+        tokio::task::spawn_blocking(move || flushed.shutdown(Duration::from_secs(10))).await?;
+        let (requests, bytes) = sink.received();
+        let line = json!({"engine": "switchyard", "workload": "otlp", "metric": "export",
+            "spans_exported": t.exported_spans(), "spans_dropped": t.dropped_spans(),
+            "requests": requests, "bytes": bytes});
+        let _ = writeln!(std::io::stdout(), "{line}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn run_in(dir: &std::path::Path, chosen: &[&str], synchronous_full: bool) -> Result<()> {
+/// A stand-in OTLP/HTTP receiver: answers 200 to every export and counts
+/// requests and bytes (no decoding: the benchmark measures the sender).
+struct OtlpSink {
+    addr: std::net::SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicU64>,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio::task::AbortHandle,
+}
+
+impl OtlpSink {
+    async fn start() -> Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let requests = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (r, b) = (requests.clone(), bytes.clone());
+        let take = move |body: axum::body::Bytes| {
+            let (r, b) = (r.clone(), b.clone());
+            async move {
+                r.fetch_add(1, Ordering::Relaxed);
+                b.fetch_add(body.len() as u64, Ordering::Relaxed);
+                axum::http::StatusCode::OK
+            }
+        };
+        let app = axum::Router::new()
+            .route("/v1/traces", axum::routing::post(take.clone()))
+            .route("/v1/metrics", axum::routing::post(take));
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let stop = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        })
+        .abort_handle();
+        Ok(Self { addr, requests, bytes, stop })
+    }
+
+    fn received(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.requests.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for OtlpSink {
+    fn drop(&mut self) {
+        self.stop.abort();
+    }
+}
+
+async fn run_in(
+    dir: &std::path::Path,
+    chosen: &[&str],
+    synchronous_full: bool,
+    telemetry: Option<Telemetry>,
+) -> Result<()> {
     let url = dir.join("bench.db").display().to_string();
     let store = Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full }).await?);
-    let options = EngineOptions { max_concurrent_runs: 1024, ..Default::default() };
+    let exporting = telemetry.is_some();
+    let options =
+        EngineOptions { max_concurrent_runs: 1024, telemetry: telemetry.unwrap_or_default(), ..Default::default() };
     let engine = Engine::start(store, crate::offline_registry(), Arc::new(SystemClock), options);
-    let mode = if synchronous_full { "sqlite-wal-full" } else { "sqlite-wal-normal" };
+    let mode = match (synchronous_full, exporting) {
+        (true, false) => "sqlite-wal-full",
+        (false, false) => "sqlite-wal-normal",
+        (true, true) => "sqlite-wal-full+otlp",
+        (false, true) => "sqlite-wal-normal+otlp",
+    };
     let note = if synchronous_full {
         "in-process trigger; every step's output committed (WAL, synchronous=FULL, fsync) before the next step starts; group commit across runs"
     } else {

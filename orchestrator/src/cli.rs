@@ -185,6 +185,10 @@ enum Command {
     Bench {
         #[arg(long, value_enum, default_value = "all")]
         workload: Workload,
+        /// Export spans and metrics over OTLP/HTTP to a receiver the
+        /// benchmark starts on loopback (it takes and counts the requests).
+        #[arg(long)]
+        otlp: bool,
     },
 }
 
@@ -538,7 +542,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Bench { workload } => {
+        Command::Bench { workload, otlp } => {
             let chosen: &[&str] = match workload {
                 Workload::All => &["chain40", "fanout100"],
                 Workload::Chain40 => &["chain40"],
@@ -547,7 +551,7 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 Workload::Signals => &["signals"],
                 Workload::LlmRouter => &["llm-router"],
             };
-            crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full).await?;
+            crate::bench::run(chosen, cli.sqlite_sync == SqliteSync::Full, *otlp).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -80,7 +80,8 @@ pub struct StepContext {
     signals: Signals,
     tokens: Arc<TokenMeter>,
     workflows: Option<Arc<dyn Workflows>>,
-    traceparent: Option<String>,
+    /// The trace id and the attempt's span id, when the run is traced.
+    trace: Option<([u8; 16], [u8; 8])>,
 }
 
 /// Child workflows a step may run (the workflow tools of an `agent`); the
@@ -158,19 +159,22 @@ impl StepContext {
             signals: Signals::default(),
             tokens: Arc::default(),
             workflows: None,
-            traceparent: None,
+            trace: None,
         }
     }
 
-    /// The W3C `traceparent` of this attempt's span, when the run is traced:
-    /// outbound requests carry it.
-    pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
-        self.traceparent = traceparent;
+    /// The W3C trace context of this attempt's span, when the run is traced:
+    /// outbound requests carry it as `traceparent`.
+    pub fn with_trace(mut self, trace: Option<([u8; 16], [u8; 8])>) -> Self {
+        self.trace = trace;
         self
     }
 
-    pub fn traceparent(&self) -> Option<&str> {
-        self.traceparent.as_deref()
+    /// The `traceparent` header value (version 00, sampled), if traced.
+    pub fn traceparent(&self) -> Option<String> {
+        let (trace_id, span_id) = self.trace?;
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        Some(format!("00-{}-{}-01", hex(&trace_id), hex(&span_id)))
     }
 
     /// The child workflows this step may run (the engine sets them for an

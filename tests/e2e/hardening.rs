@@ -369,6 +369,9 @@ impl Store for FaultyStore {
     async fn next_wakes(&self, now: i64, limit: i64) -> store::Result<Vec<(String, i64)>> {
         self.inner.next_wakes(now, limit).await
     }
+    async fn parked_count(&self) -> store::Result<u64> {
+        self.inner.parked_count().await
+    }
     async fn renew(&self, node: &str, ids: &[String], lease: Duration) -> store::Result<u64> {
         self.inner.renew(node, ids, lease).await
     }

@@ -149,16 +149,19 @@ async fn a_runs_spans_reach_the_receiver_with_parents_genai_attributes_and_trace
     assert_eq!(run.attr("switchyard.workflow.version"), Some("1"));
     assert!(run.attr("switchyard.run.id").is_some_and(|id| !id.is_empty()));
 
-    // A step span per step under the run, one attempt span under each.
+    // One span per step attempt, under the run: a step with one attempt
+    // needs no span of its own to group its attempts.
     for step in ["fetch", "triage", "summary", "fan"] {
-        let s = one(&spans, &format!("step {step}"));
-        assert_eq!(s.parent_id, run.span_id, "step {step} under the run");
-        assert_eq!(s.attr("switchyard.step.status"), Some("succeeded"));
-        let attempts: Vec<_> = spans.iter().filter(|a| a.parent_id == s.span_id).collect();
-        assert_eq!(attempts.len(), 1, "one attempt of {step}");
-        assert_eq!(attempts[0].attr("switchyard.step.attempt"), Some("1"));
-        assert_eq!(attempts[0].attr("gen_ai.workflow.name"), Some("traced"));
+        let attempts: Vec<_> = spans.iter().filter(|a| a.attr("switchyard.step.id") == Some(step)).collect();
+        assert_eq!(attempts.len(), 1, "one span for {step}");
+        let a = attempts[0];
+        assert_eq!(a.parent_id, run.span_id, "{step} under the run");
+        assert_eq!(a.attr("switchyard.step.attempt"), Some("1"));
+        assert_eq!(a.attr("switchyard.step.attempts"), Some("1"));
+        assert_eq!(a.attr("switchyard.step.status"), Some("succeeded"));
+        assert_eq!(a.attr("gen_ai.workflow.name"), Some("traced"));
     }
+    assert!(named(&spans, "step fetch").is_empty());
 
     // The http step is an HTTP client span; its URL has no query.
     let get = one(&spans, "GET");
@@ -207,7 +210,7 @@ async fn a_runs_spans_reach_the_receiver_with_parents_genai_attributes_and_trace
         assert!(child.name.starts_with("invoke_workflow "), "{}", child.name);
         let steps: Vec<_> = spans.iter().filter(|s| s.parent_id == child.span_id).collect();
         assert_eq!(steps.len(), 1);
-        assert_eq!(steps[0].name, "step double");
+        assert_eq!(steps[0].name, "transform double");
     }
 
     // Content is off by default: no prompt, answer, rationale, query or key.
@@ -397,7 +400,6 @@ steps:
     let trace = run_id.replace('-', "");
     assert!(spans.iter().all(|s| s.trace_id == trace), "one trace, the run's");
     // Completed work is not reported again.
-    assert_eq!(named(&spans, "step first").len(), 1);
     assert_eq!(named(&spans, "transform first").len(), 1);
     assert_eq!(named(&spans, "chat test-model").len(), 1, "the model call is not reported twice");
     assert_eq!(model.count(), 1, "nor made twice");
@@ -414,7 +416,7 @@ steps:
     assert_eq!(step.span_id, retried.parent_id);
     let run = one(&spans, "invoke_workflow killed");
     assert_eq!(step.parent_id, run.span_id);
-    assert_eq!(one(&spans, "step first").parent_id, run.span_id, "spans from both processes share the run span");
+    assert_eq!(one(&spans, "transform first").parent_id, run.span_id, "spans from both processes share the run span");
     receiver.stop().await;
     model.stop().await;
     counter.stop().await;
@@ -455,9 +457,9 @@ async fn with_the_receiver_down_runs_succeed_the_queue_stays_bounded_and_drops_a
         let outcome = setup.engine.run(&def, json!({})).await.unwrap();
         assert_eq!(outcome.status, RunStatus::Succeeded);
     }
-    // 5 runs x (40 steps x 2 spans + 1) spans, at most 16 queued + 8 in flight.
+    // 5 runs x (40 steps + 1) spans, at most 16 queued + 8 in flight.
     let dropped = telemetry.dropped_spans();
-    assert!(dropped >= 5 * 81 - 24, "dropped {dropped}");
+    assert!(dropped >= 5 * 41 - 24, "dropped {dropped}");
     let text = telemetry.metrics().unwrap().prometheus_text().unwrap();
     let metrics = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let counted: f64 = metrics
@@ -754,14 +756,14 @@ async fn retries_are_sibling_attempts_and_a_resumed_run_is_a_linked_run_span_in_
     let statuses: BTreeSet<_> = attempts.iter().filter_map(|a| a.attr("switchyard.step.status")).collect();
     assert_eq!(statuses, BTreeSet::from(["retrying", "succeeded"]));
     assert!(attempts.iter().any(|a| a.attr("http.response.status_code") == Some("503")));
-    // `gate` failed in the first segment and succeeded in the second: a
-    // step span in each run span.
-    let gates = named(&spans, "step gate");
+    // `gate` failed in the first segment and succeeded in the second: one
+    // attempt in each run span.
+    let gates: Vec<_> = spans.iter().filter(|s| s.attr("switchyard.step.id") == Some("gate")).collect();
     assert_eq!(gates.len(), 2);
     assert!(gates.iter().any(|g| g.parent_id == failed.span_id && g.status == 2));
-    assert!(
-        gates.iter().any(|g| g.parent_id == resumed.span_id && g.attr("switchyard.step.status") == Some("succeeded"))
-    );
+    assert!(gates.iter().any(|g| g.parent_id == resumed.span_id
+        && g.attr("switchyard.step.status") == Some("succeeded")
+        && g.attr("switchyard.step.attempt") == Some("2")));
     setup.stop().await;
     receiver.stop().await;
     counter.stop().await;

@@ -423,6 +423,11 @@ impl Driver {
     /// the run id and, when the run is traced, its trace and span ids.
     pub async fn drive(self) -> Result<Outcome, DriveError> {
         use tracing::Instrument;
+        if !self.is_root {
+            // A child run is driven inside its parent's attempt: its lines
+            // belong to the root's span.
+            return self.drive_logged().await;
+        }
         let span = match self.journal.telemetry().map(|t| t.run_context()) {
             Some(c) => tracing::error_span!(
                 "run",
@@ -707,7 +712,7 @@ impl Driver {
         st.woken = false;
         st.interrupted = false;
         let attempt = st.attempt;
-        let span = self.journal.telemetry().and_then(|t| t.attempt_context(&id, attempt));
+        let span = self.journal.telemetry().and_then(|mut t| t.attempt_context(&id, attempt));
         let replay = st.ops.lock().expect("ops").clone();
         let recorded = st.ops.clone();
         let st_unsent = st.unsent.clone();
@@ -724,7 +729,7 @@ impl Driver {
         )
         .with_signals(self.signals.clone())
         .with_tokens(self.tokens.clone())
-        .with_traceparent(span.map(|s| s.traceparent()));
+        .with_trace(span.map(|s| (s.trace_id, s.span_id)));
         let work = match self.prepare(i, &ctx_value, span) {
             Ok(work) => {
                 if !waking && let (Some(mut t), Work::Action { with, .. }) = (self.journal.telemetry(), &work) {
@@ -757,21 +762,11 @@ impl Driver {
                 }
             }
         };
-        // Log lines of the attempt name it (and its span, when traced).
-        let log_span = match span {
-            Some(c) => tracing::error_span!(
-                "attempt",
-                step = %id,
-                attempt,
-                trace_id = %switchyard_observability::hex(&c.trace_id),
-                span_id = %switchyard_observability::hex(&c.span_id),
-            ),
-            None => tracing::Span::none(),
-        };
         // A step that panics fails its attempt; the driver (and the process)
         // goes on. The first poll runs on the driver, the rest in a task:
         // both are inside this guard.
-        let attempt_future = tracing::Instrument::instrument(attempt_future, log_span);
+        // Its log lines belong to the run's (see `drive`).
+        let attempt_future = tracing::Instrument::in_current_span(attempt_future);
         self.launches.push(Box::pin(async move {
             let result = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(attempt_future)).await {
                 Ok(result) => result,

@@ -1069,9 +1069,7 @@ async fn poll_once(inner: &Arc<Inner>) -> Result<()> {
         return Ok(());
     }
     if inner.options.telemetry.metrics().is_some() {
-        // Parked runs, for the gauge: a bounded look.
-        let parked = inner.store.runs(Some(RunStatus::Waiting), true, 100_000).await?;
-        inner.gauge(|g| &g.parked, parked.iter().filter(|r| r.owner.is_none()).count() as u64);
+        inner.gauge(|g| &g.parked, inner.store.parked_count().await?);
     }
     // Runs parked by any process wake here on time; the soonest first, so
     // many far-off ones cannot hide a near one.

@@ -18,7 +18,6 @@
 //! results) goes on spans only with `SWITCHYARD_OTEL_CAPTURE_CONTENT=true`,
 //! and never idempotency keys.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -50,14 +49,16 @@ struct StepTrace {
     span: Option<(i64, u32)>,
     attempts: u32,
     attempt: Option<Attempt>,
+    /// The attempt about to start (see [`RunTelemetry::attempt_context`]).
+    next: Option<Rendered>,
 }
 
 #[derive(Debug)]
 struct Attempt {
     n: u32,
+    /// Its span id.
+    id: [u8; 8],
     start: i64,
-    /// Started by an earlier process (folded, not committed here).
-    folded: bool,
     /// The interrupted attempt this one follows.
     link: Option<[u8; 8]>,
     /// A model call whose earlier tries failed: its first op and start.
@@ -78,17 +79,29 @@ pub(crate) struct RunTelemetry {
     parent_remote: bool,
     run_id: String,
     wf: Arc<Workflow>,
+    wf_name: Arc<str>,
     segment: u32,
+    /// The span id of the current segment's run span.
+    run_span: [u8; 8],
     run_start: i64,
     first_start: i64,
-    steps: HashMap<String, StepTrace>,
+    /// By step index.
+    steps: Vec<StepTrace>,
     /// The latest time the journal shows.
     last_at: i64,
-    /// What attempts about to start were given (see [`RunTelemetry::started`]).
-    rendered: HashMap<String, Rendered>,
+    /// Spans ended by the events being applied, sent together.
+    out: Vec<Span>,
 }
 
-type Rendered = (u32, Option<(String, String)>, Option<Value>);
+/// An attempt about to start: its number and span id, the http request's
+/// method and URL, and its input (with content capture).
+#[derive(Debug)]
+struct Rendered {
+    attempt: u32,
+    id: [u8; 8],
+    http: Option<(String, String)>,
+    input: Option<Value>,
+}
 
 impl RunTelemetry {
     /// The run's telemetry folded from `entries`; `None` when nothing is
@@ -135,13 +148,16 @@ impl RunTelemetry {
             parent_remote,
             run_id: run_id.to_owned(),
             wf: wf.clone(),
+            wf_name: wf.name().into(),
             segment: 0,
+            run_span: [0; 8],
             run_start: 0,
             first_start: 0,
-            steps: HashMap::new(),
+            steps: (0..wf.steps.len()).map(|_| StepTrace::default()).collect(),
             last_at: 0,
-            rendered: HashMap::new(),
+            out: Vec::new(),
         });
+        t.run_span = t.run_span_id(0);
         for entry in entries {
             t.apply(entry.at, &entry.event, false);
         }
@@ -151,7 +167,7 @@ impl RunTelemetry {
     /// The run span of the current segment (whether or not it is exported:
     /// logs name it).
     pub fn run_context(&self) -> SpanContext {
-        self.context(self.run_span_id(self.segment))
+        self.context(self.run_span)
     }
 
     /// Content may go on this run's spans (and its children's).
@@ -161,12 +177,15 @@ impl RunTelemetry {
 
     /// The span context an attempt's outbound calls carry, and its child
     /// runs hang under.
-    pub fn attempt_context(&self, step: &str, attempt: u32) -> Option<SpanContext> {
-        self.spans.then(|| SpanContext {
-            trace_id: self.trace_id,
-            span_id: self.attempt_id(step, attempt),
-            sampled: true,
-        })
+    pub fn attempt_context(&mut self, step: &str, attempt: u32) -> Option<SpanContext> {
+        if !self.spans {
+            return None;
+        }
+        let id = self.attempt_id(step, attempt);
+        if let Some(st) = self.st_mut(step) {
+            st.next = Some(Rendered { attempt, id, http: None, input: None });
+        }
+        Some(self.context(id))
     }
 
     /// What the driver rendered for attempt `attempt` it starts (the http
@@ -181,13 +200,40 @@ impl RunTelemetry {
             (method, clean_url(input.get("url").and_then(Value::as_str).unwrap_or_default()))
         });
         let input = self.capture.then(|| redacted(input));
-        self.rendered.insert(step.to_owned(), (attempt, http, input));
+        if let Some(r) = self.st_mut(step).and_then(|s| s.next.as_mut()).filter(|r| r.attempt == attempt) {
+            r.http = http;
+            r.input = input;
+        }
+    }
+
+    fn st(&self, step: &str) -> Option<&StepTrace> {
+        self.wf.step_index(step).map(|i| &self.steps[i])
+    }
+
+    fn st_mut(&mut self, step: &str) -> Option<&mut StepTrace> {
+        self.wf.step_index(step).map(|i| &mut self.steps[i])
+    }
+
+    /// Takes the step's state out (the step ended), leaving it empty.
+    fn take(&mut self, step: &str) -> Option<StepTrace> {
+        self.st_mut(step).map(std::mem::take)
+    }
+
+    /// The span id of attempt `attempt` of `step`: the open one's, kept.
+    fn open_attempt_id(&self, step: &str, attempt: u32) -> [u8; 8] {
+        match self.st(step).and_then(|s| s.attempt.as_ref()) {
+            Some(a) if a.n == attempt => a.id,
+            _ => self.attempt_id(step, attempt),
+        }
     }
 
     /// Events just committed at `at`.
     pub fn committed(&mut self, at: i64, events: &[Event]) {
         for event in events {
             self.apply(at, event, true);
+        }
+        if !self.out.is_empty() {
+            self.tel.emit_all(self.out.drain(..));
         }
     }
 
@@ -215,9 +261,9 @@ impl RunTelemetry {
         self.wf.step_index(step).map_or("unknown", |i| kind_of(&self.wf, i))
     }
 
-    fn emit(&self, span: Span) {
+    fn emit(&mut self, span: Span) {
         if self.spans {
-            self.tel.emit(span);
+            self.out.push(span);
         }
     }
 
@@ -230,38 +276,39 @@ impl RunTelemetry {
             }
             Event::RunResumed { .. } => {
                 self.segment += 1;
+                self.run_span = self.run_span_id(self.segment);
                 self.run_start = at;
             }
             Event::StepStarted { step, attempt } => {
-                let interrupted =
-                    self.steps.get(step).and_then(|s| s.attempt.as_ref()).map(|a| (a.n, a.start, a.folded));
+                let interrupted = self.st(step).and_then(|s| s.attempt.as_ref()).map(|a| (a.id, a.start));
                 let mut link = None;
-                if let Some((n, start, _)) = interrupted {
+                if let Some((id, start)) = interrupted {
                     // The attempt before this one never ended: its process
                     // stopped. Reported now, by the process that goes on.
-                    link = Some(self.attempt_id(step, n));
+                    link = Some(id);
                     if live {
                         let end = self.last_at.max(start);
-                        self.end_attempt(step, end, "interrupted", Some("the process running it stopped"), None);
-                    } else if let Some(st) = self.steps.get_mut(step) {
+                        self.end_attempt(step, end, "interrupted", Some("the process running it stopped"), None, false);
+                    } else if let Some(st) = self.st_mut(step) {
                         st.attempt = None;
                     }
                 }
                 let segment = self.segment;
-                let (http, input) = match self.rendered.remove(step) {
-                    Some((n, http, input)) if n == *attempt => (http, input),
-                    _ => (None, None),
+                let (id, http, input) = match self.st_mut(step).and_then(|s| s.next.take()) {
+                    Some(r) if r.attempt == *attempt => (r.id, r.http, r.input),
+                    _ if !self.spans => ([0; 8], None, None),
+                    _ => (self.attempt_id(step, *attempt), None, None),
                 };
-                let st = self.steps.entry(step.clone()).or_default();
+                let Some(st) = self.st_mut(step) else { return };
                 st.span.get_or_insert((at, segment));
                 st.attempts += 1;
-                st.attempt = Some(Attempt { n: *attempt, start: at, folded: !live, link, chat: None, http, input });
+                st.attempt = Some(Attempt { n: *attempt, id, start: at, link, chat: None, http, input });
             }
             Event::StepOp { step, attempt, index, name, value, at: op_at } => {
                 if live {
                     self.op(step, *attempt, *index, name, value, op_at.unwrap_or(at));
                 } else if name == switchyard_steps::llm::CALL_OP
-                    && let Some(a) = self.steps.get_mut(step).and_then(|s| s.attempt.as_mut())
+                    && let Some(a) = self.st_mut(step).and_then(|s| s.attempt.as_mut())
                 {
                     // A model call's failed tries before a crash: the call
                     // spans them when it ends here.
@@ -270,20 +317,20 @@ impl RunTelemetry {
             }
             Event::StepSucceeded { step, output, .. } => {
                 if live {
-                    self.end_attempt(step, at, "succeeded", None, Some(output));
+                    self.end_attempt(step, at, "succeeded", None, Some(output), true);
                     self.end_step(step, at, "succeeded", None, &[]);
                 } else {
-                    self.steps.remove(step);
+                    self.take(step);
                 }
             }
             Event::StepFailed { step, error, retry_at, continued, .. } => {
                 if !live {
                     if retry_at.is_some() {
-                        if let Some(st) = self.steps.get_mut(step) {
+                        if let Some(st) = self.st_mut(step) {
                             st.attempt = None;
                         }
                     } else {
-                        self.steps.remove(step);
+                        self.take(step);
                     }
                     return;
                 }
@@ -293,7 +340,7 @@ impl RunTelemetry {
                     _ => "failed",
                 };
                 let why = format!("{}: {}", error.code, error.message);
-                self.end_attempt(step, at, status, Some(&why), None);
+                self.end_attempt(step, at, status, Some(&why), None, retry_at.is_none());
                 if retry_at.is_none() {
                     let status = if *continued { "continued" } else { status };
                     self.end_step(step, at, status, Some((&error.code, &why)), &[]);
@@ -301,13 +348,19 @@ impl RunTelemetry {
             }
             Event::StepSkipped { step, reason } => {
                 if live {
-                    self.steps.entry(step.clone()).or_default().span = Some((at, self.segment));
+                    let segment = self.segment;
+                    if let Some(st) = self.st_mut(step) {
+                        st.span = Some((at, segment));
+                    }
                     self.end_step(step, at, "skipped", None, &[(STEP_SKIP_REASON, Attr::from(reason.as_str()))]);
                 }
             }
             Event::StepReused { step, from_run, .. } => {
                 if live {
-                    self.steps.entry(step.clone()).or_default().span = Some((at, self.segment));
+                    let segment = self.segment;
+                    if let Some(st) = self.st_mut(step) {
+                        st.span = Some((at, segment));
+                    }
                     self.end_step(step, at, "reused", None, &[(STEP_REUSED_FROM, Attr::from(from_run.as_str()))]);
                 }
             }
@@ -326,7 +379,7 @@ impl RunTelemetry {
 
     fn op(&mut self, step: &str, attempt: u32, index: u32, name: &str, value: &Value, at: i64) {
         if name == switchyard_steps::llm::CALL_OP {
-            let Some(a) = self.steps.get_mut(step).and_then(|s| s.attempt.as_mut()) else { return };
+            let Some(a) = self.st_mut(step).and_then(|s| s.attempt.as_mut()) else { return };
             fold_chat(a, index, value, at);
             if value.get("outcome").and_then(Value::as_str) == Some("answered") {
                 let (first, start, tries) = a.chat.take().unwrap_or((index, at, 1));
@@ -337,7 +390,7 @@ impl RunTelemetry {
             let tool = value.get("tool").and_then(Value::as_str).unwrap_or("tool");
             let ok = value.get("ok").and_then(Value::as_bool).unwrap_or(false);
             let mut attributes = vec![
-                (GEN_AI_OPERATION_NAME, Attr::from(OP_EXECUTE_TOOL)),
+                (GEN_AI_OPERATION_NAME, Attr::Static(OP_EXECUTE_TOOL)),
                 (GEN_AI_TOOL_NAME, Attr::from(tool)),
                 (TOOL_OK, Attr::from(ok)),
             ];
@@ -349,10 +402,10 @@ impl RunTelemetry {
             {
                 attributes.push((GEN_AI_TOOL_CALL_RESULT, Attr::from(content(result))));
             }
-            let start = self.steps.get(step).and_then(|s| s.attempt.as_ref()).map_or(at, |a| a.start.max(at));
+            let start = self.st(step).and_then(|s| s.attempt.as_ref()).map_or(at, |a| a.start.max(at));
             self.emit(Span {
                 context: self.context(id),
-                parent: Some(self.attempt_id(step, attempt)),
+                parent: Some(self.open_attempt_id(step, attempt)),
                 parent_remote: false,
                 kind: Kind::Internal,
                 name: format!("{OP_EXECUTE_TOOL} {tool}"),
@@ -367,7 +420,7 @@ impl RunTelemetry {
 
     #[allow(clippy::too_many_arguments)]
     fn chat_span(
-        &self,
+        &mut self,
         step: &str,
         attempt: u32,
         first: u32,
@@ -403,7 +456,7 @@ impl RunTelemetry {
             return;
         }
         let mut attributes = vec![
-            (GEN_AI_OPERATION_NAME, Attr::from(OP_CHAT)),
+            (GEN_AI_OPERATION_NAME, Attr::Static(OP_CHAT)),
             (GEN_AI_PROVIDER_NAME, Attr::from(provider)),
             (GEN_AI_REQUEST_MODEL, Attr::from(request_model)),
             (LLM_CALL_ATTEMPTS, Attr::from(tries)),
@@ -439,7 +492,7 @@ impl RunTelemetry {
         };
         self.emit(Span {
             context: self.context(self.op_id(step, attempt, first)),
-            parent: Some(self.attempt_id(step, attempt)),
+            parent: Some(self.open_attempt_id(step, attempt)),
             parent_remote: false,
             kind: Kind::Client,
             name,
@@ -451,9 +504,23 @@ impl RunTelemetry {
         });
     }
 
-    fn end_attempt(&mut self, step: &str, at: i64, status: &str, error: Option<&str>, output: Option<&Value>) {
+    /// Ends the open attempt of `step`; `last`: the step ends with it. A
+    /// step whose only attempt this is gets no span of its own: this span
+    /// stands for both, under the run (a step span appears once there are
+    /// attempts to group).
+    fn end_attempt(
+        &mut self,
+        step: &str,
+        at: i64,
+        status: &'static str,
+        error: Option<&str>,
+        output: Option<&Value>,
+        last: bool,
+    ) {
         let kind = self.kind(step);
-        let Some(a) = self.steps.get_mut(step).and_then(|s| s.attempt.take()) else { return };
+        let Some(st) = self.st_mut(step) else { return };
+        let alone = last && st.attempts == 1;
+        let Some(a) = st.attempt.take() else { return };
         if let Some(m) = self.tel.metrics()
             && status != "interrupted"
         {
@@ -468,14 +535,14 @@ impl RunTelemetry {
         }
         let mut attributes = vec![
             (STEP_ID, Attr::from(step)),
-            (STEP_KIND, Attr::from(kind)),
+            (STEP_KIND, Attr::Static(kind)),
             (STEP_ATTEMPT, Attr::from(a.n)),
-            (STEP_STATUS, Attr::from(status)),
-            (GEN_AI_WORKFLOW_NAME, Attr::from(self.wf.name())),
+            (STEP_STATUS, Attr::Static(status)),
+            (GEN_AI_WORKFLOW_NAME, Attr::Shared(self.wf_name.clone())),
         ];
         let (name, span_kind) = match kind {
             "agent" => {
-                attributes.push((GEN_AI_OPERATION_NAME, Attr::from(OP_INVOKE_AGENT)));
+                attributes.push((GEN_AI_OPERATION_NAME, Attr::Static(OP_INVOKE_AGENT)));
                 attributes.push((GEN_AI_AGENT_NAME, Attr::from(step)));
                 (format!("{OP_INVOKE_AGENT} {step}"), Kind::Internal)
             }
@@ -516,9 +583,14 @@ impl RunTelemetry {
             }
         }
         let links = a.link.map(|l| vec![self.context(l)]).unwrap_or_default();
-        let parent = self.steps.get(step).and_then(|s| s.span).map(|(_, seg)| self.step_span_id(step, seg));
+        let parent = if alone {
+            attributes.push((STEP_ATTEMPTS, Attr::from(1u32)));
+            Some(self.run_span)
+        } else {
+            self.st(step).and_then(|s| s.span).map(|(_, seg)| self.step_span_id(step, seg))
+        };
         self.emit(Span {
-            context: self.context(self.attempt_id(step, a.n)),
+            context: self.context(a.id),
             parent,
             parent_remote: false,
             kind: span_kind,
@@ -540,17 +612,18 @@ impl RunTelemetry {
         extra: &[(&'static str, Attr)],
     ) {
         let kind = self.kind(step);
-        let Some(st) = self.steps.remove(step) else { return };
+        let Some(st) = self.take(step) else { return };
         let Some((start, segment)) = st.span else { return };
-        if !self.spans {
+        // One attempt: its span stands for the step (see `end_attempt`).
+        if !self.spans || st.attempts == 1 {
             return;
         }
         let mut attributes = vec![
             (STEP_ID, Attr::from(step)),
-            (STEP_KIND, Attr::from(kind)),
+            (STEP_KIND, Attr::Static(kind)),
             (STEP_STATUS, Attr::from(status)),
             (STEP_ATTEMPTS, Attr::from(st.attempts)),
-            (GEN_AI_WORKFLOW_NAME, Attr::from(self.wf.name())),
+            (GEN_AI_WORKFLOW_NAME, Attr::Shared(self.wf_name.clone())),
         ];
         attributes.extend(extra.iter().cloned());
         if let Some((code, _)) = error {
@@ -558,7 +631,7 @@ impl RunTelemetry {
         }
         self.emit(Span {
             context: self.context(self.step_span_id(step, segment)),
-            parent: Some(self.run_span_id(self.segment)),
+            parent: Some(self.run_span),
             parent_remote: false,
             kind: Kind::Internal,
             name: format!("step {step}"),
@@ -572,10 +645,15 @@ impl RunTelemetry {
 
     fn finish(&mut self, at: i64, status: RunStatus, error: Option<&switchyard_steps::StepError>) {
         // Attempts still open (cancelled with the run) end with it.
-        let open: Vec<String> =
-            self.steps.iter().filter(|(_, s)| s.attempt.is_some()).map(|(k, _)| k.clone()).collect();
+        let open: Vec<String> = self
+            .steps
+            .iter()
+            .zip(&self.wf.steps)
+            .filter(|(s, _)| s.attempt.is_some())
+            .map(|(_, w)| w.id.clone())
+            .collect();
         for step in open {
-            self.end_attempt(&step, at, status.as_str(), Some("the run ended"), None);
+            self.end_attempt(&step, at, status.as_str(), Some("the run ended"), None, true);
         }
         if let Some(m) = self.tel.metrics()
             && self.parent.is_none_or(|_| self.parent_remote)
@@ -587,11 +665,11 @@ impl RunTelemetry {
             return;
         }
         let mut attributes = vec![
-            (GEN_AI_OPERATION_NAME, Attr::from(OP_INVOKE_WORKFLOW)),
-            (GEN_AI_WORKFLOW_NAME, Attr::from(self.wf.name())),
+            (GEN_AI_OPERATION_NAME, Attr::Static(OP_INVOKE_WORKFLOW)),
+            (GEN_AI_WORKFLOW_NAME, Attr::Shared(self.wf_name.clone())),
             (RUN_ID, Attr::from(self.run_id.as_str())),
             (WORKFLOW_VERSION, Attr::from(self.wf.version())),
-            (RUN_STATUS, Attr::from(status.as_str())),
+            (RUN_STATUS, Attr::Static(status.as_str())),
         ];
         if self.segment > 0 {
             attributes.push((RUN_SEGMENT, Attr::from(self.segment)));
@@ -601,7 +679,7 @@ impl RunTelemetry {
         }
         let links = if self.segment > 0 { vec![self.context(self.run_span_id(self.segment - 1))] } else { Vec::new() };
         self.emit(Span {
-            context: self.context(self.run_span_id(self.segment)),
+            context: self.context(self.run_span),
             parent: self.parent,
             parent_remote: self.parent_remote && self.parent.is_some(),
             kind: Kind::Internal,
@@ -615,7 +693,7 @@ impl RunTelemetry {
             }),
             links,
         });
-        self.steps.clear();
+        self.steps.iter_mut().for_each(|s| *s = StepTrace::default());
     }
 }
 

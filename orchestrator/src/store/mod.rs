@@ -237,6 +237,8 @@ pub trait Store: Send + Sync + 'static {
     /// Parked root runs nobody holds that are due after `now`, soonest
     /// first, as `(id, wake_at)`: a worker sets its timers from them.
     async fn next_wakes(&self, now: i64, limit: i64) -> Result<Vec<(String, i64)>>;
+    /// Runs (root and child) parked: `waiting` with no owner.
+    async fn parked_count(&self) -> Result<u64>;
     /// Extends the leases of the runs `ids` that this node owns to `lease`
     /// from the store's now.
     async fn renew(&self, node: &str, ids: &[String], lease: std::time::Duration) -> Result<u64>;

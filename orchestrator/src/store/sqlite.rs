@@ -571,6 +571,13 @@ impl Store for SqliteStore {
         .await?)
     }
 
+    async fn parked_count(&self) -> Result<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM runs WHERE status = 'waiting' AND owner IS NULL")
+            .fetch_one(&self.read)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
     async fn renew(&self, node: &str, ids: &[String], lease: Duration) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);

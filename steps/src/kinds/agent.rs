@@ -296,7 +296,7 @@ impl Agent {
             ctx.commit_ops().await?;
         }
         let base_key = ctx.idempotency_key().to_owned();
-        let traceparent = ctx.traceparent().map(str::to_owned);
+        let traceparent = ctx.traceparent();
         let workflows = ctx.workflows().cloned();
         let cancel = ctx.cancel_token();
         let pending = asked[start..].iter().enumerate().map(|(k, call)| {

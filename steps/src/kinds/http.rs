@@ -99,7 +99,7 @@ impl Step for Http {
         if let Some(tp) = ctx.traceparent()
             && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("traceparent"))
         {
-            headers.push(("traceparent".to_owned(), tp.to_owned()));
+            headers.push(("traceparent".to_owned(), tp));
         }
         let body = match (config.json, config.body) {
             (Some(json), _) => Some(HttpBody::Json(json)),

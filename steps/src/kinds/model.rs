@@ -72,7 +72,7 @@ pub(crate) async fn call(
         let model = Arc::clone(model);
         let mut request = request.clone();
         request.caller = ctx.run_id().to_owned();
-        request.traceparent = ctx.traceparent().map(str::to_owned);
+        request.traceparent = ctx.traceparent();
         let outcome = ctx
             .journaled_keyed(CALL_OP, |key| async move {
                 request.idempotency_key = key;
