@@ -18,7 +18,7 @@ pub mod semconv;
 mod spans;
 
 pub use metrics::{Metrics, ModelCall};
-pub use spans::{Attr, CAPTURE_CONTENT_ENV, Kind, Span, SpanContext, Telemetry, derived_span_id, hex};
+pub use spans::{Attr, CAPTURE_CONTENT_ENV, Kind, Span, SpanContext, SpanIds, Telemetry, derived_span_id, hex};
 
 /// The environment variable holding the log filter.
 pub const LOG_ENV: &str = "SWITCHYARD_LOG";
@@ -60,6 +60,43 @@ pub(crate) fn endpoint(env: &dyn Fn(&str) -> Option<String>, signal: &str, path:
         .is_some_and(|p| p != Protocol::HttpProtobuf);
     let base = base.trim().trim_end_matches('/');
     Some(if grpc { base.to_owned() } else { format!("{base}/{path}") })
+}
+
+/// For an `http://` endpoint: a blocking HTTP client with the export
+/// timeout (`OTEL_EXPORTER_OTLP_<SIGNAL>_TIMEOUT` or `..._TIMEOUT`, ms,
+/// default 10 s) and no root certificates (loading them costs a process
+/// about 10 ms and is useless without TLS). `None` for `https://`: the
+/// exporter builds its own client, with the system's roots.
+pub(crate) fn plain_http_client(
+    env: &dyn Fn(&str) -> Option<String>,
+    signal: &str,
+    endpoint: &str,
+) -> Result<Option<reqwest::blocking::Client>, ConfigError> {
+    if !endpoint.trim().to_ascii_lowercase().starts_with("http://") {
+        return Ok(None);
+    }
+    let own = format!("OTEL_EXPORTER_OTLP_{signal}_TIMEOUT");
+    let (name, value) = match env(&own) {
+        Some(v) => (own.as_str(), Some(v)),
+        None => ("OTEL_EXPORTER_OTLP_TIMEOUT", env("OTEL_EXPORTER_OTLP_TIMEOUT")),
+    };
+    let timeout = match value {
+        None => std::time::Duration::from_secs(10),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => std::time::Duration::from_millis(ms),
+            _ => return Err(ConfigError::new(name, "must be a whole number of milliseconds, at least 1")),
+        },
+    };
+    // The blocking client must be built outside an async runtime.
+    let built = std::thread::spawn(move || {
+        reqwest::blocking::Client::builder().tls_certs_only(Vec::<reqwest::Certificate>::new()).timeout(timeout).build()
+    })
+    .join();
+    match built {
+        Ok(Ok(client)) => Ok(Some(client)),
+        Ok(Err(e)) => Err(ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", format!("building the HTTP client: {e}"))),
+        Err(_) => Err(ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", "building the HTTP client failed")),
+    }
 }
 
 /// The protocol from `signal_var` or `OTEL_EXPORTER_OTLP_PROTOCOL`

@@ -33,8 +33,8 @@ pub struct Metrics {
     runs_started: Counter<u64>,
     runs_finished: Counter<u64>,
     run_duration: Histogram<f64>,
+    /// Its count is the attempts ended (by kind and status).
     step_duration: Histogram<f64>,
-    step_attempts: Counter<u64>,
     step_retries: Counter<u64>,
     commit_duration: Histogram<f64>,
     commit_batch: Histogram<u64>,
@@ -82,22 +82,40 @@ impl Metrics {
             };
             let exporter = match protocol {
                 crate::Protocol::HttpProtobuf => {
-                    use opentelemetry_otlp::WithExportConfig;
-                    opentelemetry_otlp::MetricExporter::builder()
+                    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+                    let mut builder = opentelemetry_otlp::MetricExporter::builder()
                         .with_http()
                         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                        .with_endpoint(endpoint)
-                        .build()
-                        .map_err(bad)?
+                        .with_endpoint(&endpoint);
+                    if let Some(client) = crate::plain_http_client(env, "METRICS", &endpoint)? {
+                        builder = builder.with_http_client(client);
+                    }
+                    builder.build().map_err(bad)?
                 }
                 #[cfg(feature = "grpc")]
                 crate::Protocol::Grpc => {
                     use opentelemetry_otlp::WithExportConfig;
-                    opentelemetry_otlp::MetricExporter::builder()
-                        .with_tonic()
-                        .with_endpoint(endpoint)
+                    // tonic's channel runs on a runtime of its own: the
+                    // periodic reader's thread is not in one.
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(1)
+                        .thread_name("otlp-grpc")
+                        .enable_all()
                         .build()
-                        .map_err(bad)?
+                        .map_err(|e| {
+                            ConfigError::new("OTEL_EXPORTER_OTLP_PROTOCOL", format!("starting the gRPC runtime: {e}"))
+                        })?;
+                    let exporter = {
+                        let _guard = rt.enter();
+                        opentelemetry_otlp::MetricExporter::builder()
+                            .with_tonic()
+                            .with_endpoint(endpoint)
+                            .build()
+                            .map_err(bad)?
+                    };
+                    // Kept for the life of the process.
+                    std::mem::forget(rt);
+                    exporter
                 }
             };
             builder = builder.with_reader(opentelemetry_sdk::metrics::PeriodicReader::builder(exporter).build());
@@ -148,11 +166,10 @@ impl Metrics {
             runs_started: meter.u64_counter("switchyard.runs.started").with_description("Runs started").build(),
             runs_finished: meter.u64_counter("switchyard.runs.finished").with_description("Runs finished").build(),
             run_duration: seconds("switchyard.run.duration", "Run duration, start to end"),
-            step_duration: seconds("switchyard.step.duration", "Step attempt duration"),
-            step_attempts: meter
-                .u64_counter("switchyard.step.attempts")
-                .with_description("Step attempts ended")
-                .build(),
+            step_duration: seconds(
+                "switchyard.step.duration",
+                "Step attempt duration; its count is the attempts ended, by kind and status",
+            ),
             step_retries: meter
                 .u64_counter("switchyard.step.retries")
                 .with_description("Step attempts that failed and will be retried")
@@ -208,7 +225,6 @@ impl Metrics {
     /// `interrupted`, `cancelled`).
     pub fn attempt_ended(&self, kind: &'static str, status: &'static str, seconds: f64) {
         let attrs = [KeyValue::new(STEP_KIND, kind), KeyValue::new(STEP_STATUS, status)];
-        self.step_attempts.add(1, &attrs);
         self.step_duration.record(seconds, &attrs);
         if status == "retrying" {
             self.step_retries.add(1, &[KeyValue::new(STEP_KIND, kind)]);

@@ -98,6 +98,37 @@ pub fn derived_span_id(trace_id: &[u8; 16], parts: &[&str]) -> [u8; 8] {
     id
 }
 
+/// The span ids of one run: a key derived once from the trace and the run
+/// ([`derived_span_id`]), and for each span a 64-bit bijection (the
+/// splitmix64 finalizer) of the key xor the span's packed coordinates. Ids
+/// within a run never collide (distinct coordinates, distinct ids); every
+/// process computes the same ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    key: u64,
+}
+
+impl SpanIds {
+    pub fn new(trace_id: &[u8; 16], run: &str) -> Self {
+        Self { key: u64::from_be_bytes(derived_span_id(trace_id, &["run", run])) }
+    }
+
+    /// The id of span `tag` (0..8) at `(a, b, c)`: `a`, `b` below 2^20,
+    /// `c` below 2^21 (higher bits are dropped).
+    pub fn id(&self, tag: u8, a: u32, b: u32, c: u32) -> [u8; 8] {
+        let packed = (u64::from(tag & 7) << 61)
+            | ((u64::from(a) & 0xF_FFFF) << 41)
+            | ((u64::from(b) & 0xF_FFFF) << 21)
+            | (u64::from(c) & 0x1F_FFFF);
+        let mut z = packed ^ self.key;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // The all-zero id is invalid; 0 has exactly one preimage.
+        if z == 0 { [0, 0, 0, 0, 0, 0, 0, 1] } else { z.to_be_bytes() }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Internal,
@@ -275,7 +306,12 @@ impl Telemetry {
         }
         let Some(endpoint) = endpoint else { return Ok(Self { spans: None, capture_content, metrics }) };
         let protocol = crate::protocol(&env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
-        let exporter = SpanExporterKind::build(protocol, &endpoint, &resource)?;
+        let client = match protocol {
+            crate::Protocol::HttpProtobuf => crate::plain_http_client(&env, "TRACES", &endpoint)?,
+            #[cfg(feature = "grpc")]
+            crate::Protocol::Grpc => None,
+        };
+        let exporter = SpanExporterKind::build(protocol, &endpoint, client, &resource)?;
         let number = |name: &str, default: usize| -> Result<usize, ConfigError> {
             match env(name) {
                 None => Ok(default),
@@ -514,22 +550,28 @@ enum SpanExporterKind {
 }
 
 impl SpanExporterKind {
-    fn build(protocol: crate::Protocol, endpoint: &str, resource: &Resource) -> Result<Self, ConfigError> {
-        use opentelemetry_otlp::WithExportConfig;
+    fn build(
+        protocol: crate::Protocol,
+        endpoint: &str,
+        client: Option<reqwest::blocking::Client>,
+        resource: &Resource,
+    ) -> Result<Self, ConfigError> {
+        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
         let bad =
             |e: opentelemetry_otlp::ExporterBuildError| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string());
         let mut kind = match protocol {
-            crate::Protocol::HttpProtobuf => Self::Http(
-                opentelemetry_otlp::SpanExporter::builder()
+            crate::Protocol::HttpProtobuf => {
+                let mut builder = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(endpoint)
-                    .build()
-                    .map_err(bad)?,
-            ),
+                    .with_endpoint(endpoint);
+                if let Some(client) = client {
+                    builder = builder.with_http_client(client);
+                }
+                Self::Http(builder.build().map_err(bad)?)
+            }
             #[cfg(feature = "grpc")]
             crate::Protocol::Grpc => {
-                use opentelemetry_otlp::WithTonicConfig as _;
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
                     ConfigError::new("OTEL_EXPORTER_OTLP_PROTOCOL", format!("starting the gRPC runtime: {e}"))
                 })?;
@@ -583,6 +625,8 @@ struct Worker {
 
 impl Worker {
     fn run(self) {
+        // Best effort: where it cannot be lowered, it runs as it is.
+        let _ = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min);
         let q = &self.queue;
         loop {
             // Waits until a batch is full, a flush is asked for, the delay
@@ -682,6 +726,24 @@ mod tests {
         // Parts are length-prefixed: ["ab", "c"] is not ["a", "bc"].
         assert_ne!(derived_span_id(&t, &["ab", "c"]), derived_span_id(&t, &["a", "bc"]));
         assert_ne!(derived_span_id(&[8u8; 16], &["run", "a"]), derived_span_id(&t, &["run", "a"]));
+    }
+
+    #[test]
+    fn span_ids_of_a_run_are_distinct_and_stable() {
+        let ids = SpanIds::new(&[3; 16], "run-1");
+        assert_eq!(ids, SpanIds::new(&[3; 16], "run-1"));
+        assert_ne!(ids.id(1, 2, 3, 4), SpanIds::new(&[3; 16], "run-2").id(1, 2, 3, 4));
+        let mut seen = std::collections::HashSet::new();
+        for tag in 0..4 {
+            for a in 0..30 {
+                for b in 0..30 {
+                    for c in 0..5 {
+                        assert!(seen.insert(ids.id(tag, a, b, c)), "{tag} {a} {b} {c}");
+                    }
+                }
+            }
+        }
+        assert!(!seen.contains(&[0u8; 8]));
     }
 
     #[test]

@@ -529,6 +529,7 @@ impl Compiler<'_> {
                 };
                 let fingerprint = step_fingerprint(s, child);
                 steps.push(Step {
+                    shared_id: s.id.as_str().into(),
                     id: s.id.clone(),
                     kind,
                     needs: needs[i].clone(),
@@ -559,6 +560,7 @@ impl Compiler<'_> {
         }
         let fingerprint = workflow_fingerprint(&spec, &steps);
         Some(Workflow {
+            shared_name: name.as_str().into(),
             name,
             fingerprint,
             version: spec.version,

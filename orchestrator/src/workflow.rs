@@ -17,6 +17,8 @@ pub use crate::spec::{Join, OnError};
 #[derive(Debug)]
 pub struct Workflow {
     pub(crate) name: String,
+    /// The name, shared (it goes on every span of a run).
+    pub(crate) shared_name: Arc<str>,
     pub(crate) version: u32,
     pub(crate) description: String,
     pub(crate) input_schema: Option<Arc<jsonschema::Validator>>,
@@ -87,6 +89,8 @@ impl Workflow {
 
 pub struct Step {
     pub(crate) id: String,
+    /// The id, shared (it goes on the step's spans).
+    pub(crate) shared_id: Arc<str>,
     pub(crate) kind: StepKind,
     pub(crate) needs: Vec<Need>,
     /// Every step this one depends on, directly or not: the only steps its

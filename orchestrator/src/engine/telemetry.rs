@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use switchyard_observability::semconv::*;
-use switchyard_observability::{Attr, Kind, ModelCall, Span, SpanContext, Telemetry, derived_span_id};
+use switchyard_observability::{Attr, Kind, ModelCall, Span, SpanContext, SpanIds, Telemetry, derived_span_id};
 
 use crate::journal::{Event, RunStatus};
 use crate::report::Prices;
@@ -75,6 +75,7 @@ pub(crate) struct RunTelemetry {
     spans: bool,
     capture: bool,
     trace_id: [u8; 16],
+    ids: SpanIds,
     parent: Option<[u8; 8]>,
     parent_remote: bool,
     run_id: String,
@@ -144,11 +145,12 @@ impl RunTelemetry {
             spans,
             capture: tel.capture_content() && !wf.confidential() && !confidential_above,
             trace_id,
+            ids: SpanIds::new(&trace_id, run_id),
             parent: parent_span.map(|p| p.span_id),
             parent_remote,
             run_id: run_id.to_owned(),
             wf: wf.clone(),
-            wf_name: wf.name().into(),
+            wf_name: wf.shared_name.clone(),
             segment: 0,
             run_span: [0; 8],
             run_start: 0,
@@ -237,20 +239,32 @@ impl RunTelemetry {
         }
     }
 
+    /// The step's id as an attribute value (shared, not copied).
+    fn step_attr(&self, step: &str) -> Attr {
+        match self.wf.step_index(step) {
+            Some(i) => Attr::Shared(self.wf.steps[i].shared_id.clone()),
+            None => Attr::from(step),
+        }
+    }
+
+    fn step_index(&self, step: &str) -> u32 {
+        self.wf.step_index(step).map_or(u32::MAX, |i| i as u32)
+    }
+
     fn run_span_id(&self, segment: u32) -> [u8; 8] {
-        derived_span_id(&self.trace_id, &["run", &self.run_id, &segment.to_string()])
+        self.ids.id(0, segment, 0, 0)
     }
 
     fn step_span_id(&self, step: &str, segment: u32) -> [u8; 8] {
-        derived_span_id(&self.trace_id, &["step", &self.run_id, step, &segment.to_string()])
+        self.ids.id(1, self.step_index(step), segment, 0)
     }
 
     fn attempt_id(&self, step: &str, attempt: u32) -> [u8; 8] {
-        derived_span_id(&self.trace_id, &["attempt", &self.run_id, step, &attempt.to_string()])
+        self.ids.id(2, self.step_index(step), attempt, 0)
     }
 
     fn op_id(&self, step: &str, attempt: u32, index: u32) -> [u8; 8] {
-        derived_span_id(&self.trace_id, &["op", &self.run_id, step, &attempt.to_string(), &index.to_string()])
+        self.ids.id(3, self.step_index(step), attempt, index)
     }
 
     fn context(&self, span_id: [u8; 8]) -> SpanContext {
@@ -534,7 +548,7 @@ impl RunTelemetry {
             return;
         }
         let mut attributes = vec![
-            (STEP_ID, Attr::from(step)),
+            (STEP_ID, self.step_attr(step)),
             (STEP_KIND, Attr::Static(kind)),
             (STEP_ATTEMPT, Attr::from(a.n)),
             (STEP_STATUS, Attr::Static(status)),
@@ -619,7 +633,7 @@ impl RunTelemetry {
             return;
         }
         let mut attributes = vec![
-            (STEP_ID, Attr::from(step)),
+            (STEP_ID, self.step_attr(step)),
             (STEP_KIND, Attr::Static(kind)),
             (STEP_STATUS, Attr::from(status)),
             (STEP_ATTEMPTS, Attr::from(st.attempts)),
