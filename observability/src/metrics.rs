@@ -69,7 +69,12 @@ impl Metrics {
         resource: &Resource,
         prometheus: bool,
     ) -> Result<Option<Self>, ConfigError> {
-        let off = env("OTEL_METRICS_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
+        let off = match env("OTEL_METRICS_EXPORTER").as_deref().map(str::trim) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("none") => true,
+            Some(v) if v.eq_ignore_ascii_case("otlp") => false,
+            Some(_) => return Err(ConfigError::new("OTEL_METRICS_EXPORTER", "must be otlp or none")),
+        };
         let endpoint = crate::endpoint(env, "METRICS", "v1/metrics").filter(|_| !off);
         if endpoint.is_none() && !prometheus {
             return Ok(None);

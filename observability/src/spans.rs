@@ -254,6 +254,8 @@ struct Queue {
 #[derive(Default)]
 struct QueueState {
     spans: VecDeque<Span>,
+    /// When the oldest waiting span was queued (the batch timer).
+    since: Option<Instant>,
     /// Flushes asked for / done.
     flush_asked: u64,
     flush_done: u64,
@@ -294,13 +296,17 @@ impl Telemetry {
             Some(_) => return Err(ConfigError::new("OTEL_SDK_DISABLED", "must be true or false")),
         };
         let resource = resource();
-        let metrics = if disabled {
-            None
-        } else {
-            crate::metrics::Metrics::from_vars(&env, &resource, prometheus)?.map(Arc::new)
-        };
+        // Disabled: nothing goes out over OTLP; Prometheus text, asked for
+        // explicitly, is still served.
+        let otlp_env = |k: &str| if disabled { None } else { env(k) };
+        let metrics = crate::metrics::Metrics::from_vars(&otlp_env, &resource, prometheus)?.map(Arc::new);
         let endpoint = crate::endpoint(&env, "TRACES", "v1/traces");
-        let traces_off = env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
+        let traces_off = match env("OTEL_TRACES_EXPORTER").as_deref().map(str::trim) {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("none") => true,
+            Some(v) if v.eq_ignore_ascii_case("otlp") => false,
+            Some(_) => return Err(ConfigError::new("OTEL_TRACES_EXPORTER", "must be otlp or none")),
+        };
         if disabled || traces_off || endpoint.is_none() {
             return Ok(Self { spans: None, capture_content, metrics });
         }
@@ -418,6 +424,9 @@ impl Telemetry {
                 } else {
                     state.spans.push_back(span);
                 }
+            }
+            if before == 0 && !state.spans.is_empty() {
+                state.since = Some(Instant::now());
             }
             // Woken when spans start waiting (its timer starts) and when a
             // batch is full.
@@ -633,22 +642,27 @@ impl Worker {
             // has passed with spans waiting, or it is told to stop.
             let (batch, flush, stop) = {
                 let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
-                let since = Instant::now();
                 loop {
                     let flush = state.flush_asked > state.flush_done;
                     if state.stop || flush || state.spans.len() >= q.batch {
                         break;
                     }
-                    let waited = since.elapsed();
-                    if !state.spans.is_empty() && waited >= self.delay {
+                    // The delay runs from when the oldest span was queued.
+                    let waited = state.since.map(|t| t.elapsed());
+                    if !state.spans.is_empty() && waited.is_some_and(|w| w >= self.delay) {
                         break;
                     }
-                    let wait = if state.spans.is_empty() { Duration::from_secs(3600) } else { self.delay - waited };
+                    let wait = match waited {
+                        Some(w) if !state.spans.is_empty() => self.delay.saturating_sub(w),
+                        _ => Duration::from_secs(3600),
+                    };
                     state = q.ready.wait_timeout(state, wait).unwrap_or_else(|p| p.into_inner()).0;
                 }
                 let flush = state.flush_asked > state.flush_done;
                 let n = if flush || state.stop { state.spans.len() } else { state.spans.len().min(q.batch) };
                 let batch: Vec<Span> = state.spans.drain(..n).collect();
+                // What is left waits from now.
+                state.since = (!state.spans.is_empty()).then(Instant::now);
                 (batch, flush.then_some(state.flush_asked), state.stop)
             };
             for chunk in batch.chunks(q.batch.max(1)) {

@@ -68,9 +68,30 @@ fn one<'a>(spans: &'a [ReceivedSpan], name: &str) -> &'a ReceivedSpan {
     found[0]
 }
 
-/// Every attribute value of every span, for leak checks.
+/// Every span's parent is in the trace (or is the caller's span `caller`).
+fn assert_tree(spans: &[ReceivedSpan], caller: &str) {
+    let ids: BTreeSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    assert_eq!(ids.len(), spans.len(), "span ids are unique: {spans:#?}");
+    for s in spans {
+        assert!(
+            s.parent_id.is_empty() || s.parent_id == caller || ids.contains(s.parent_id.as_str()),
+            "{} ({}) has a parent that was never reported: {spans:#?}",
+            s.name,
+            s.span_id
+        );
+    }
+}
+
+/// Every name, attribute value and status message of every span, for leak
+/// checks.
 fn all_text(spans: &[ReceivedSpan]) -> String {
-    spans.iter().flat_map(|s| s.attributes.iter().map(|(k, v)| format!("{k}={v}\n"))).collect()
+    spans
+        .iter()
+        .flat_map(|s| {
+            let attrs = s.attributes.iter().map(|(k, v)| format!("{k}={v}\n"));
+            attrs.chain([format!("name={}\nstatus={}\n", s.name, s.status_message)])
+        })
+        .collect()
 }
 
 fn traced_workflow(counter: &CounterServer) -> String {
@@ -136,6 +157,7 @@ async fn a_runs_spans_reach_the_receiver_with_parents_genai_attributes_and_trace
     let spans = receiver.spans();
     let by_id: BTreeMap<&str, &ReceivedSpan> = spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
     assert_eq!(by_id.len(), spans.len(), "span ids are unique");
+    assert_tree(&spans, CALLER_SPAN);
 
     // One trace: the caller's. The run span hangs under the caller's span.
     assert!(spans.iter().all(|s| s.trace_id == CALLER_TRACE), "one trace");
@@ -355,7 +377,7 @@ steps:
   - id: call
     kind: http
     needs: [think]
-    with: {{url: "{}"}}
+    with: {{method: POST, url: "{}", json: {{a: 1}}}}
   - id: last
     kind: transform
     needs: [call]
@@ -405,10 +427,18 @@ steps:
     assert_eq!(model.count(), 1, "nor made twice");
     // The interrupted attempt is reported by the process that went on, and
     // the new attempt links to it.
-    let attempts = named(&spans, "GET");
+    let attempts: Vec<_> = spans
+        .iter()
+        .filter(|s| s.attr("switchyard.step.id") == Some("call") && s.attr("switchyard.step.attempt").is_some())
+        .collect();
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     let interrupted = attempts.iter().find(|a| a.attr("switchyard.step.status") == Some("interrupted")).unwrap();
     let retried = attempts.iter().find(|a| a.attr("switchyard.step.status") == Some("succeeded")).unwrap();
+    // The next process does not know what the dead one sent: no method.
+    assert_eq!((interrupted.name.as_str(), interrupted.attr("http.request.method")), ("HTTP", Some("_OTHER")));
+    assert_eq!(interrupted.attr("switchyard.step.error.code"), Some("interrupted"));
+    assert_eq!((retried.name.as_str(), retried.attr("http.request.method")), ("POST", Some("POST")));
+    assert_tree(&spans, "");
     assert_eq!(interrupted.status, 2);
     assert_eq!(retried.links, vec![(trace.clone(), interrupted.span_id.clone())]);
     assert_eq!(interrupted.parent_id, retried.parent_id, "sibling attempts under one step span");
@@ -476,7 +506,7 @@ async fn with_the_receiver_down_runs_succeed_the_queue_stays_bounded_and_drops_a
     let t = telemetry.clone();
     let started = std::time::Instant::now();
     tokio::task::spawn_blocking(move || t.shutdown(Duration::from_millis(300))).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(started.elapsed() < Duration::from_secs(3), "shutdown took {:?}", started.elapsed());
     setup.stop().await;
     holder.abort();
 }
@@ -741,6 +771,7 @@ async fn retries_are_sibling_attempts_and_a_resumed_run_is_a_linked_run_span_in_
     let spans = receiver.spans();
     let trace = first.id.replace('-', "");
     assert!(spans.iter().all(|s| s.trace_id == trace));
+    assert_tree(&spans, "");
     // Two run spans: the failed one, and the resumed one linked to it.
     let runs = named(&spans, "invoke_workflow resumed");
     assert_eq!(runs.len(), 2, "{runs:?}");
@@ -902,12 +933,97 @@ async fn json_logs_carry_the_trace_and_span_ids_of_the_run() {
     let of_run: Vec<&serde_json::Value> = lines.iter().filter(|l| l["span"]["name"].is_string()).collect();
     assert!(of_run.len() >= 2, "attempt lines: {lines:#?}");
     let trace = id.replace('-', "");
+    let run_span = one(&receiver.spans(), "invoke_workflow logged").span_id.clone();
     for line in of_run {
         assert_eq!(line["span"]["trace_id"], trace.as_str(), "{line}");
-        assert!(line["span"]["span_id"].as_str().is_some_and(|s| s.len() == 16), "{line}");
+        assert_eq!(line["span"]["span_id"], run_span.as_str(), "the run span's id: {line}");
         assert!(line["spans"][0]["run_id"] == id, "{line}");
     }
     receiver.stop().await;
     model.stop().await;
+    counter.stop().await;
+}
+
+#[tokio::test]
+async fn error_messages_that_quote_content_stay_off_spans_without_capture() {
+    switchyard_tests::install_crypto_provider();
+    let receiver = OtlpReceiver::start().await;
+    let telemetry = exporting(&receiver, false);
+    let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-errors", Arc::new(SystemClock), Limits::default(), options).await;
+    // Never valid JSON: the step fails with `invalid_output`, whose message
+    // quotes the answer.
+    setup.server.always(Reply::text("ANSWER-CANARY is not json"));
+    let def = setup.compile(
+        "name: strict\nsteps:\n  - id: ask\n    kind: llm\n    with:\n      prompt: x\n      max_repairs: 0\n      output_schema: {type: object}\n",
+    );
+    let outcome = setup.engine.run(&def, json!({})).await.unwrap();
+    assert_eq!(outcome.status, RunStatus::Failed);
+    assert!(outcome.error.as_ref().unwrap().message.contains("ANSWER-CANARY"), "the run's own error quotes it");
+    flushed(&telemetry).await;
+    let spans = receiver.spans();
+    let ask = one(&spans, "llm ask");
+    assert_eq!(ask.status, 2);
+    assert_eq!(ask.status_message, "invalid_output");
+    assert_eq!(ask.attr("switchyard.step.error.code"), Some("invalid_output"));
+    let run = one(&spans, "invoke_workflow strict");
+    assert_eq!(run.status_message, "invalid_output");
+    let text = all_text(&spans);
+    assert!(!text.contains("ANSWER-CANARY"), "an error message leaked content:\n{text}");
+    setup.stop().await;
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_cancelled_while_a_retry_waits_ends_its_step_span_and_a_rerun_reports_reused_steps() {
+    switchyard_tests::install_crypto_provider();
+    let receiver = OtlpReceiver::start().await;
+    let counter = CounterServer::start().await;
+    let telemetry = exporting(&receiver, false);
+    let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
+    let setup = ModelSetup::with_options("otel-cancel", Arc::new(SystemClock), Limits::default(), options).await;
+    // `slow` fails and waits a minute to retry; the run is cancelled then.
+    let def = setup.compile(&format!(
+        "name: backoff\nsteps:\n  - id: first\n    kind: transform\n    with: {{value: 1}}\n  - id: slow\n    kind: http\n    needs: [first]\n    retry: {{max_attempts: 3, initial_delay: 1m}}\n    with: {{url: \"{}\"}}\n",
+        counter.url("/hit/slow?status=503")
+    ));
+    let id = setup.engine.submit(&def, json!({})).await.unwrap();
+    counter.wait_for_calls("slow", 1).await;
+    let settled = setup.engine.wait_settled(&id).await.unwrap();
+    assert_eq!(settled.status, RunStatus::Waiting, "parked for the retry");
+    setup.engine.cancel(&id).await.unwrap();
+    assert_eq!(setup.engine.wait(&id).await.unwrap().status, RunStatus::Cancelled);
+    // A re-run from `slow` (now answering) reuses `first`.
+    let fixed = setup.compile_as(
+        "fixed.yaml",
+        &format!(
+            "name: backoff\nsteps:\n  - id: first\n    kind: transform\n    with: {{value: 1}}\n  - id: slow\n    kind: http\n    needs: [first]\n    retry: {{max_attempts: 3, initial_delay: 1m}}\n    with: {{url: \"{}\"}}\n",
+            counter.url("/hit/slow2")
+        ),
+    );
+    let again = setup.engine.rerun(&id, "slow", Some(&fixed)).await.unwrap();
+    assert_eq!(setup.engine.wait(&again).await.unwrap().status, RunStatus::Succeeded);
+    flushed(&telemetry).await;
+    let spans = receiver.spans();
+    let (first_run, second_run): (Vec<ReceivedSpan>, Vec<ReceivedSpan>) =
+        spans.iter().cloned().partition(|s| s.trace_id == id.replace('-', ""));
+    assert_tree(&first_run, "");
+    assert_tree(&second_run, "");
+    // The cancelled run: the step that waited for its retry has its span,
+    // grouping the failed attempt, ended with the run.
+    let step = one(&first_run, "step slow");
+    assert_eq!(step.attr("switchyard.step.status"), Some("cancelled"));
+    let attempts: Vec<_> = first_run.iter().filter(|s| s.parent_id == step.span_id).collect();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].attr("switchyard.step.status"), Some("retrying"));
+    assert_eq!(one(&first_run, "invoke_workflow backoff").attr("switchyard.run.status"), Some("cancelled"));
+    // The re-run: `first` reused, reported once as such; `slow` ran.
+    let reused = one(&second_run, "step first");
+    assert_eq!(reused.attr("switchyard.step.status"), Some("reused"));
+    assert_eq!(reused.attr("switchyard.step.reused_from"), Some(id.as_str()));
+    assert!(named(&second_run, "transform first").is_empty(), "a reused step did not run");
+    assert_eq!(one(&second_run, "GET").attr("switchyard.step.status"), Some("succeeded"));
+    setup.stop().await;
+    receiver.stop().await;
     counter.stop().await;
 }

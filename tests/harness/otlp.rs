@@ -37,6 +37,8 @@ pub struct ReceivedSpan {
     pub attributes: BTreeMap<String, String>,
     /// 0 unset, 1 ok, 2 error.
     pub status: i32,
+    /// The status description.
+    pub status_message: String,
     /// `(trace id, span id)` of each link.
     pub links: Vec<(String, String)>,
 }
@@ -138,7 +140,8 @@ async fn traces(State(state): State<Arc<watch::Sender<Received>>>, body: Bytes) 
                     start_ns: s.start_time_unix_nano,
                     end_ns: s.end_time_unix_nano,
                     attributes: attributes(&s.attributes),
-                    status: s.status.map_or(0, |st| st.code),
+                    status: s.status.as_ref().map_or(0, |st| st.code),
+                    status_message: s.status.map(|st| st.message).unwrap_or_default(),
                     links: s.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect(),
                 });
             }

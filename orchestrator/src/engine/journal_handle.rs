@@ -45,7 +45,9 @@ impl RunJournal {
 
     /// The run's telemetry, if anything is reported for it.
     pub fn telemetry(&self) -> Option<std::sync::MutexGuard<'_, Box<RunTelemetry>>> {
-        self.telemetry.as_ref().map(|t| t.lock().expect("telemetry"))
+        // A panic while it was held left a half-applied batch: spans may be
+        // off, the run is not.
+        self.telemetry.as_ref().map(|t| t.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// The clock journal times come from.

@@ -51,6 +51,8 @@ struct StepTrace {
     attempt: Option<Attempt>,
     /// The attempt about to start (see [`RunTelemetry::attempt_context`]).
     next: Option<Rendered>,
+    /// Its only attempt's span was reported as the step's.
+    merged: bool,
 }
 
 #[derive(Debug)]
@@ -65,7 +67,8 @@ struct Attempt {
     chat: Option<(u32, i64, u32)>,
     /// The http step's method and URL (without query and userinfo).
     http: Option<(String, String)>,
-    input: Option<Value>,
+    /// Redacted and cut to size.
+    input: Option<String>,
 }
 
 pub(crate) struct RunTelemetry {
@@ -74,6 +77,8 @@ pub(crate) struct RunTelemetry {
     /// Spans are reported (the trace is sampled).
     spans: bool,
     capture: bool,
+    /// This run's workflow, or one that called it, is confidential.
+    confidential: bool,
     trace_id: [u8; 16],
     ids: SpanIds,
     parent: Option<[u8; 8]>,
@@ -92,6 +97,8 @@ pub(crate) struct RunTelemetry {
     last_at: i64,
     /// Spans ended by the events being applied, sent together.
     out: Vec<Span>,
+    /// `step_reused` events folded: `(from run, step, at)`.
+    reused: Vec<(String, String, i64)>,
 }
 
 /// An attempt about to start: its number and span id, the http request's
@@ -101,7 +108,8 @@ struct Rendered {
     attempt: u32,
     id: [u8; 8],
     http: Option<(String, String)>,
-    input: Option<Value>,
+    /// Redacted and cut to size.
+    input: Option<String>,
 }
 
 impl RunTelemetry {
@@ -144,6 +152,7 @@ impl RunTelemetry {
             prices: prices.clone(),
             spans,
             capture: tel.capture_content() && !wf.confidential() && !confidential_above,
+            confidential: wf.confidential() || confidential_above,
             trace_id,
             ids: SpanIds::new(&trace_id, run_id),
             parent: parent_span.map(|p| p.span_id),
@@ -158,6 +167,7 @@ impl RunTelemetry {
             steps: (0..wf.steps.len()).map(|_| StepTrace::default()).collect(),
             last_at: 0,
             out: Vec::new(),
+            reused: Vec::new(),
         });
         t.run_span = t.run_span_id(0);
         for entry in entries {
@@ -197,11 +207,14 @@ impl RunTelemetry {
         if !self.spans {
             return;
         }
+        let confidential = self.confidential;
         let http = (self.kind(step) == "http").then(|| {
             let method = input.get("method").and_then(Value::as_str).unwrap_or("GET").to_ascii_uppercase();
-            (method, clean_url(input.get("url").and_then(Value::as_str).unwrap_or_default()))
+            let url = clean_url(input.get("url").and_then(Value::as_str).unwrap_or_default());
+            // A confidential workflow's URL paths may name what it works on.
+            (method, if confidential { origin(&url) } else { url })
         });
-        let input = self.capture.then(|| redacted(input));
+        let input = self.capture.then(|| content(&redacted(input)));
         if let Some(r) = self.st_mut(step).and_then(|s| s.next.as_mut()).filter(|r| r.attempt == attempt) {
             r.http = http;
             r.input = input;
@@ -239,6 +252,17 @@ impl RunTelemetry {
         }
     }
 
+    /// Step `step` runs a confidential workflow (a `workflow` or `map`
+    /// child, an agent's workflow tool).
+    fn calls_confidential(&self, step: &str) -> bool {
+        let Some(i) = self.wf.step_index(step) else { return false };
+        match &self.wf.steps[i].kind {
+            StepKind::Call { child, .. } | StepKind::Map { child, .. } => child.confidential(),
+            StepKind::Action { tools: Some(tools), .. } => tools.values().any(|w| w.confidential()),
+            _ => false,
+        }
+    }
+
     /// The step's id as an attribute value (shared, not copied).
     fn step_attr(&self, step: &str) -> Attr {
         match self.wf.step_index(step) {
@@ -260,7 +284,8 @@ impl RunTelemetry {
     }
 
     fn attempt_id(&self, step: &str, attempt: u32) -> [u8; 8] {
-        self.ids.id(2, self.step_index(step), attempt, 0)
+        // Attempts past 2^20 (retries across many resumes) keep distinct ids.
+        self.ids.id(2, self.step_index(step), attempt, attempt >> 20)
     }
 
     fn op_id(&self, step: &str, attempt: u32, index: u32) -> [u8; 8] {
@@ -302,7 +327,8 @@ impl RunTelemetry {
                     link = Some(id);
                     if live {
                         let end = self.last_at.max(start);
-                        self.end_attempt(step, end, "interrupted", Some("the process running it stopped"), None, false);
+                        let why = Some(("interrupted", "the process running it stopped".to_owned()));
+                        self.end_attempt(step, end, "interrupted", why, None, false);
                     } else if let Some(st) = self.st_mut(step) {
                         st.attempt = None;
                     }
@@ -325,8 +351,12 @@ impl RunTelemetry {
                     && let Some(a) = self.st_mut(step).and_then(|s| s.attempt.as_mut())
                 {
                     // A model call's failed tries before a crash: the call
-                    // spans them when it ends here.
+                    // spans them when it ends here. An answered call was
+                    // reported when it was committed.
                     fold_chat(a, *index, value, op_at.unwrap_or(at));
+                    if value.get("outcome").and_then(Value::as_str) == Some("answered") {
+                        a.chat = None;
+                    }
                 }
             }
             Event::StepSucceeded { step, output, .. } => {
@@ -353,11 +383,18 @@ impl RunTelemetry {
                     (None, "cancelled") => "cancelled",
                     _ => "failed",
                 };
-                let why = format!("{}: {}", error.code, error.message);
-                self.end_attempt(step, at, status, Some(&why), None, retry_at.is_none());
+                // An error's message may quote content (a model's answer, a
+                // response body): only its code, unless content is captured.
+                let why = if self.capture {
+                    truncate(&format!("{}: {}", error.code, error.message))
+                } else {
+                    error.code.clone()
+                };
+                let code = error.code.as_str();
+                self.end_attempt(step, at, status, Some((code, why.clone())), None, retry_at.is_none());
                 if retry_at.is_none() {
                     let status = if *continued { "continued" } else { status };
-                    self.end_step(step, at, status, Some((&error.code, &why)), &[]);
+                    self.end_step(step, at, status, Some((code, &why)), &[]);
                 }
             }
             Event::StepSkipped { step, reason } => {
@@ -369,18 +406,20 @@ impl RunTelemetry {
                     self.end_step(step, at, "skipped", None, &[(STEP_SKIP_REASON, Attr::from(reason.as_str()))]);
                 }
             }
+            // Written with the run's start, so only ever folded: reported
+            // when the run first ends (see `finish`).
             Event::StepReused { step, from_run, .. } => {
-                if live {
-                    let segment = self.segment;
-                    if let Some(st) = self.st_mut(step) {
-                        st.span = Some((at, segment));
-                    }
-                    self.end_step(step, at, "reused", None, &[(STEP_REUSED_FROM, Attr::from(from_run.as_str()))]);
+                if self.spans {
+                    self.reused.push((from_run.clone(), step.clone(), at));
                 }
             }
             Event::RunFinished { status, error, .. } => {
                 if live {
                     self.finish(at, *status, error.as_ref());
+                } else {
+                    // What was open then was reported, ended, with the run.
+                    self.steps.iter_mut().for_each(|s| *s = StepTrace::default());
+                    self.reused.clear();
                 }
             }
             Event::StepSuspended { .. }
@@ -412,9 +451,10 @@ impl RunTelemetry {
                 attributes.push((GEN_AI_TOOL_CALL_ID, Attr::from(call_id)));
             }
             if self.capture
+                && !self.calls_confidential(step)
                 && let Some(result) = value.get("result")
             {
-                attributes.push((GEN_AI_TOOL_CALL_RESULT, Attr::from(content(result))));
+                attributes.push((GEN_AI_TOOL_CALL_RESULT, Attr::from(content(&redacted(result)))));
             }
             let start = self.st(step).and_then(|s| s.attempt.as_ref()).map_or(at, |a| a.start.max(at));
             self.emit(Span {
@@ -527,7 +567,7 @@ impl RunTelemetry {
         step: &str,
         at: i64,
         status: &'static str,
-        error: Option<&str>,
+        error: Option<(&str, String)>,
         output: Option<&Value>,
         last: bool,
     ) {
@@ -535,6 +575,8 @@ impl RunTelemetry {
         let Some(st) = self.st_mut(step) else { return };
         let alone = last && st.attempts == 1;
         let Some(a) = st.attempt.take() else { return };
+        // Its span stands for the step's: no step span follows.
+        st.merged = alone;
         if let Some(m) = self.tel.metrics()
             && status != "interrupted"
         {
@@ -561,27 +603,28 @@ impl RunTelemetry {
                 (format!("{OP_INVOKE_AGENT} {step}"), Kind::Internal)
             }
             "http" => {
-                let (method, url) = a.http.clone().unwrap_or_else(|| ("GET".to_owned(), String::new()));
+                // Unknown for an attempt started by an earlier process.
+                let (method, url) = a.http.clone().unwrap_or_else(|| ("_OTHER".to_owned(), String::new()));
                 attributes.push((HTTP_REQUEST_METHOD, Attr::from(method.as_str())));
                 if !url.is_empty() {
                     attributes.push((URL_FULL, Attr::from(url)));
                 }
-                (method, Kind::Client)
+                let name = if method == "_OTHER" { "HTTP".to_owned() } else { method };
+                (name, Kind::Client)
             }
             other => (format!("{other} {step}"), Kind::Internal),
         };
         if let Some(code) = output.and_then(|o| o.get("status")).and_then(Value::as_i64).filter(|_| kind == "http") {
             attributes.push((HTTP_RESPONSE_STATUS_CODE, Attr::Int(code)));
         }
-        if let (Some(e), "http") = (error, kind)
-            && let Some(code) = http_status_in(e)
+        if let (Some((code, _)), "http") = (&error, kind)
+            && let Some(status) = http_status_in(code)
         {
-            attributes.push((HTTP_RESPONSE_STATUS_CODE, Attr::Int(code)));
+            attributes.push((HTTP_RESPONSE_STATUS_CODE, Attr::Int(status)));
         }
-        if let Some(e) = error {
-            let code = e.split(':').next().unwrap_or(e);
-            attributes.push((STEP_ERROR_CODE, Attr::from(code)));
-            attributes.push((ERROR_TYPE, Attr::from(code)));
+        if let Some((code, _)) = &error {
+            attributes.push((STEP_ERROR_CODE, Attr::from(*code)));
+            attributes.push((ERROR_TYPE, Attr::from(*code)));
         }
         if kind == "decide"
             && let Some(out) = output
@@ -589,10 +632,12 @@ impl RunTelemetry {
             decision_attrs(out, self.capture, &mut attributes);
         }
         if self.capture {
-            if let Some(input) = &a.input {
-                attributes.push((STEP_INPUT, Attr::from(content(input))));
+            if let Some(input) = a.input {
+                attributes.push((STEP_INPUT, Attr::from(input)));
             }
-            if let Some(out) = output {
+            // A child workflow that is confidential keeps its output off
+            // its caller's span too.
+            if let Some(out) = output.filter(|_| !self.calls_confidential(step)) {
                 attributes.push((STEP_OUTPUT, Attr::from(content(&redacted(out)))));
             }
         }
@@ -612,7 +657,7 @@ impl RunTelemetry {
             start_ms: a.start,
             end_ms: at,
             attributes,
-            error: error.map(str::to_owned),
+            error: error.map(|(_, why)| why),
             links,
         });
     }
@@ -628,8 +673,8 @@ impl RunTelemetry {
         let kind = self.kind(step);
         let Some(st) = self.take(step) else { return };
         let Some((start, segment)) = st.span else { return };
-        // One attempt: its span stands for the step (see `end_attempt`).
-        if !self.spans || st.attempts == 1 {
+        // Its only attempt's span stands for the step (see `end_attempt`).
+        if !self.spans || st.merged {
             return;
         }
         let mut attributes = vec![
@@ -667,7 +712,32 @@ impl RunTelemetry {
             .map(|(_, w)| w.id.clone())
             .collect();
         for step in open {
-            self.end_attempt(&step, at, status.as_str(), Some("the run ended"), None, true);
+            let why = Some((status.as_str(), format!("the run ended {status}")));
+            self.end_attempt(&step, at, status.as_str(), why, None, true);
+        }
+        // Steps whose spans are open (a retry was due, attempts are grouped)
+        // end with the run.
+        let grouped: Vec<String> = self
+            .steps
+            .iter()
+            .zip(&self.wf.steps)
+            .filter(|(s, _)| s.span.is_some() && !s.merged)
+            .map(|(_, w)| w.id.clone())
+            .collect();
+        for step in grouped {
+            let why = format!("the run ended {status}");
+            self.end_step(&step, at, status.as_str(), Some((status.as_str(), &why)), &[]);
+        }
+        // Steps a re-run copied (written with its start): reported once,
+        // with the run's first end.
+        if self.segment == 0 {
+            for (from_run, step, reused_at) in std::mem::take(&mut self.reused) {
+                let segment = self.segment;
+                if let Some(st) = self.st_mut(&step) {
+                    *st = StepTrace { span: Some((reused_at, segment)), ..Default::default() };
+                }
+                self.end_step(&step, reused_at, "reused", None, &[(STEP_REUSED_FROM, Attr::from(from_run))]);
+            }
         }
         if let Some(m) = self.tel.metrics()
             && self.parent.is_none_or(|_| self.parent_remote)
@@ -702,7 +772,8 @@ impl RunTelemetry {
             end_ms: at,
             attributes,
             error: (status != RunStatus::Succeeded).then(|| match error {
-                Some(e) => format!("{}: {}", e.code, e.message),
+                Some(e) if self.capture => truncate(&format!("{}: {}", e.code, e.message)),
+                Some(e) => e.code.clone(),
                 None => status.as_str().to_owned(),
             }),
             links,
@@ -768,6 +839,14 @@ fn clean_url(url: &str) -> String {
     }
 }
 
+/// `scheme://host[:port]` of a URL (already without userinfo).
+fn origin(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", rest.split('/').next().unwrap_or_default()),
+        None => String::new(),
+    }
+}
+
 /// `host` and port of a `host:port` text.
 fn server(s: &str) -> Option<(&str, Option<u16>)> {
     if s.is_empty() {
@@ -819,7 +898,7 @@ fn output_parts(value: &Value) -> Value {
             "type": "tool_call",
             "id": call.get("id"),
             "name": call.get("name"),
-            "arguments": call.get("arguments"),
+            "arguments": call.get("arguments").map(redacted_arguments),
         }));
     }
     Value::Array(parts)
@@ -844,7 +923,18 @@ fn secret_key(k: &str) -> bool {
     .any(|s| k.contains(s))
 }
 
-/// `v` with the values of secret-looking keys and all HTTP headers removed.
+/// Tool-call arguments (JSON text) with secret-looking keys removed.
+fn redacted_arguments(v: &Value) -> Value {
+    match v.as_str().map(serde_json::from_str::<Value>) {
+        Some(Ok(parsed)) => Value::String(redacted(&parsed).to_string()),
+        // Not JSON: kept only as its size.
+        Some(Err(_)) => Value::String(format!("[{} bytes]", v.as_str().map_or(0, str::len))),
+        None => redacted(v),
+    }
+}
+
+/// `v` with the values of secret-looking keys and all HTTP headers
+/// removed, and URLs (a `url` key) without query and userinfo.
 fn redacted(v: &Value) -> Value {
     match v {
         Value::Object(map) => Value::Object(
@@ -852,6 +942,10 @@ fn redacted(v: &Value) -> Value {
                 .map(|(k, v)| {
                     if secret_key(k) || k == "headers" {
                         (k.clone(), Value::String("[redacted]".into()))
+                    } else if k == "url"
+                        && let Some(url) = v.as_str()
+                    {
+                        (k.clone(), Value::String(clean_url(url)))
                     } else {
                         (k.clone(), redacted(v))
                     }
