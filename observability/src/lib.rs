@@ -50,16 +50,44 @@ pub(crate) enum Protocol {
 /// The endpoint of a signal (`TRACES`, `METRICS`): its own variable as
 /// given, or `OTEL_EXPORTER_OTLP_ENDPOINT` with the signal's path (for
 /// http/protobuf; gRPC takes the base as it is).
-pub(crate) fn endpoint(env: &dyn Fn(&str) -> Option<String>, signal: &str, path: &str) -> Option<String> {
-    if let Some(own) = env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")) {
-        return Some(own.trim().to_owned());
+/// An endpoint that is not an `http` or `https` URL with a host is refused
+/// (naming the variable, never its value: it may hold credentials).
+pub(crate) fn endpoint(
+    env: &dyn Fn(&str) -> Option<String>,
+    signal: &str,
+    path: &str,
+) -> Result<Option<String>, ConfigError> {
+    let own = format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT");
+    let (name, value) = match env(&own) {
+        Some(v) => (own.as_str(), v),
+        None => match env("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Some(v) => ("OTEL_EXPORTER_OTLP_ENDPOINT", v),
+            None => return Ok(None),
+        },
+    };
+    let valid = reqwest::Url::parse(value.trim())
+        .ok()
+        .is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+    if !valid {
+        return Err(ConfigError::new(name, "must be an http or https URL"));
     }
-    let base = env("OTEL_EXPORTER_OTLP_ENDPOINT")?;
+    if name == own {
+        return Ok(Some(value.trim().to_owned()));
+    }
     let grpc = protocol(env, &format!("OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"))
         .ok()
         .is_some_and(|p| p != Protocol::HttpProtobuf);
-    let base = base.trim().trim_end_matches('/');
-    Some(if grpc { base.to_owned() } else { format!("{base}/{path}") })
+    let base = value.trim().trim_end_matches('/');
+    Ok(Some(if grpc { base.to_owned() } else { format!("{base}/{path}") }))
+}
+
+/// An exporter that cannot be built, without the library's message (it can
+/// quote an endpoint, credentials and all).
+pub(crate) fn unusable(_: opentelemetry_otlp::ExporterBuildError) -> ConfigError {
+    ConfigError::new(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "the OTLP exporter cannot be set up with these OTEL_EXPORTER_OTLP_* settings",
+    )
 }
 
 /// For an `http://` endpoint: a blocking HTTP client with the export

@@ -75,16 +75,14 @@ impl Metrics {
             Some(v) if v.eq_ignore_ascii_case("otlp") => false,
             Some(_) => return Err(ConfigError::new("OTEL_METRICS_EXPORTER", "must be otlp or none")),
         };
-        let endpoint = crate::endpoint(env, "METRICS", "v1/metrics").filter(|_| !off);
+        let endpoint = crate::endpoint(env, "METRICS", "v1/metrics")?.filter(|_| !off);
         if endpoint.is_none() && !prometheus {
             return Ok(None);
         }
         let mut builder = SdkMeterProvider::builder().with_resource(resource.clone());
         if let Some(endpoint) = endpoint {
             let protocol = crate::protocol(env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")?;
-            let bad = |e: opentelemetry_otlp::ExporterBuildError| {
-                ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string())
-            };
+            let bad = crate::unusable;
             let exporter = match protocol {
                 crate::Protocol::HttpProtobuf => {
                     use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};

@@ -300,7 +300,7 @@ impl Telemetry {
         // explicitly, is still served.
         let otlp_env = |k: &str| if disabled { None } else { env(k) };
         let metrics = crate::metrics::Metrics::from_vars(&otlp_env, &resource, prometheus)?.map(Arc::new);
-        let endpoint = crate::endpoint(&env, "TRACES", "v1/traces");
+        let endpoint = crate::endpoint(&env, "TRACES", "v1/traces")?;
         let traces_off = match env("OTEL_TRACES_EXPORTER").as_deref().map(str::trim) {
             None => false,
             Some(v) if v.eq_ignore_ascii_case("none") => true,
@@ -566,8 +566,7 @@ impl SpanExporterKind {
         resource: &Resource,
     ) -> Result<Self, ConfigError> {
         use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-        let bad =
-            |e: opentelemetry_otlp::ExporterBuildError| ConfigError::new("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string());
+        let bad = crate::unusable;
         let mut kind = match protocol {
             crate::Protocol::HttpProtobuf => {
                 let mut builder = opentelemetry_otlp::SpanExporter::builder()

@@ -328,6 +328,10 @@ async fn a_bad_traceparent_or_telemetry_setting_exits_2_naming_it() {
         ("SWITCHYARD_OTEL_CAPTURE_CONTENT", "yes please"),
         ("OTEL_SDK_DISABLED", "maybe"),
         ("SWITCHYARD_LOG_FORMAT", "xml"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://user:SECRET-PW@example.invalid"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url SECRET-PW"),
+        ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
     ] {
         let out = output_within(
             switchyard(&dir.join("db"), "http://127.0.0.1:9", &model).env(var, value).arg("run").arg(&file),
