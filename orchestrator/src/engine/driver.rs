@@ -509,8 +509,6 @@ impl Driver {
                     Some(_) => {}
                 }
             }
-            // About to wait: report what was committed meanwhile.
-            self.journal.report_deferred();
             let sleep = self.next_due().map(|at| self.inner.clock.sleep_until(at));
             let mut nudge = self.nudge.clone();
             tokio::select! {

@@ -22,11 +22,6 @@ pub(crate) struct RunJournal {
     /// Spans and metrics, fed with what is committed (`None`: nothing is
     /// reported for this run).
     telemetry: Option<Mutex<Box<RunTelemetry>>>,
-    /// Batches committed, not yet reported: `(first seq, at, events)`.
-    /// Reported while the next batch commits (and when the journal is
-    /// dropped), so the telemetry's work overlaps the writer's instead of
-    /// delaying the run's next write.
-    deferred: Mutex<Vec<(i64, i64, Vec<Event>)>>,
 }
 
 impl RunJournal {
@@ -45,7 +40,6 @@ impl RunJournal {
             clock,
             next_seq: Mutex::new(next_seq),
             telemetry: telemetry.map(Mutex::new),
-            deferred: Mutex::default(),
         })
     }
 
@@ -65,20 +59,7 @@ impl RunJournal {
         &self.fence
     }
 
-    /// Reports the committed batches not yet reported, in journal order.
-    /// Called while the next batch commits, when the driver waits for its
-    /// attempts, and when the journal is dropped: finished work is reported
-    /// without waiting for the run's next write.
-    pub fn report_deferred(&self) {
-        let Some(mut t) = self.telemetry() else { return };
-        let mut batches = std::mem::take(&mut *self.deferred.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        batches.sort_by_key(|(seq, _, _)| *seq);
-        for (_, at, events) in batches {
-            t.committed(at, &events);
-        }
-    }
-
-    async fn send(&self, events: &[Event], update: Option<RunUpdate>) -> (Ack, i64, i64) {
+    async fn send(&self, events: &[Event], update: Option<RunUpdate>) -> (Ack, i64) {
         // Room first (the queue is bounded), then number and send without an
         // await in between, so sequence numbers reach the writer in order.
         let slot = self.writer.reserve().await;
@@ -93,27 +74,18 @@ impl RunJournal {
             events: Encoded::all(now, events),
             update,
         });
-        (ack, now, first_seq)
+        (ack, now)
     }
 
     /// Appends and waits until committed; then the run's telemetry sees
     /// the events (what did not commit is not reported).
     pub async fn commit(&self, events: Vec<Event>, update: Option<RunUpdate>) -> Result<(), CommitError> {
-        let (ack, at, first_seq) = self.send(&events, update).await;
-        // While the writer commits this batch: report the ones before it.
-        self.report_deferred();
+        let (ack, at) = self.send(&events, update).await;
         wait(ack).await?;
-        if self.telemetry.is_some() {
-            self.deferred.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((first_seq, at, events));
+        if let Some(mut t) = self.telemetry() {
+            t.committed(at, &events);
         }
         Ok(())
-    }
-}
-
-impl Drop for RunJournal {
-    /// The last batches (a run's end) are reported when its drive ends.
-    fn drop(&mut self) {
-        self.report_deferred();
     }
 }
 
@@ -153,10 +125,6 @@ impl OpSink for StepOps {
         if events.is_empty() {
             return Ok(());
         }
-        self.journal.commit(events, None).await.map_err(|e| StepError::retryable("journal", e.to_string()))?;
-        // In the step's task, not the driver's: report at once (a model
-        // call's span shows while the agent goes on).
-        self.journal.report_deferred();
-        Ok(())
+        self.journal.commit(events, None).await.map_err(|e| StepError::retryable("journal", e.to_string()))
     }
 }

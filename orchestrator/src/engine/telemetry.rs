@@ -49,9 +49,8 @@ struct StepTrace {
     span: Option<(i64, u32)>,
     attempts: u32,
     attempt: Option<Attempt>,
-    /// Attempts about to start, not yet seen started (see
-    /// [`RunTelemetry::attempt_context`]); a few at most.
-    next: Vec<Rendered>,
+    /// The attempt about to start (see [`RunTelemetry::attempt_context`]).
+    next: Option<Rendered>,
     /// Its only attempt's span was reported as the step's.
     merged: bool,
 }
@@ -196,11 +195,7 @@ impl RunTelemetry {
         }
         let id = self.attempt_id(step, attempt);
         if let Some(st) = self.st_mut(step) {
-            st.next.retain(|r| r.attempt != attempt);
-            if st.next.len() >= 4 {
-                st.next.remove(0);
-            }
-            st.next.push(Rendered { attempt, id, http: None, input: None });
+            st.next = Some(Rendered { attempt, id, http: None, input: None });
         }
         Some(self.context(id))
     }
@@ -220,7 +215,7 @@ impl RunTelemetry {
             (method, if confidential { origin(&url) } else { url })
         });
         let input = self.capture.then(|| content(&redacted(input)));
-        if let Some(r) = self.st_mut(step).and_then(|s| s.next.iter_mut().find(|r| r.attempt == attempt)) {
+        if let Some(r) = self.st_mut(step).and_then(|s| s.next.as_mut()).filter(|r| r.attempt == attempt) {
             r.http = http;
             r.input = input;
         }
@@ -339,14 +334,8 @@ impl RunTelemetry {
                     }
                 }
                 let segment = self.segment;
-                let rendered = self.st_mut(step).and_then(|s| {
-                    // Older ones will not start any more.
-                    s.next.retain(|r| r.attempt >= *attempt);
-                    let at = s.next.iter().position(|r| r.attempt == *attempt)?;
-                    Some(s.next.remove(at))
-                });
-                let (id, http, input) = match rendered {
-                    Some(r) => (r.id, r.http, r.input),
+                let (id, http, input) = match self.st_mut(step).and_then(|s| s.next.take()) {
+                    Some(r) if r.attempt == *attempt => (r.id, r.http, r.input),
                     _ if !self.spans => ([0; 8], None, None),
                     _ => (self.attempt_id(step, *attempt), None, None),
                 };
