@@ -246,8 +246,16 @@ pub fn main() -> ExitCode {
         return ExitCode::from(EXIT_INVALID);
     }
     switchyard_integrations::install_crypto_provider();
-    // Only commands that run workflows report telemetry.
-    let runs_work = matches!(cli.command, Command::Run { .. } | Command::Worker { .. } | Command::Runs { .. });
+    // Only commands that drive runs report telemetry: the others (validate,
+    // runs list/show, signal, bench) start no exporter.
+    let runs_work = matches!(
+        cli.command,
+        Command::Run { .. }
+            | Command::Worker { .. }
+            | Command::Runs {
+                command: RunsCommand::Resume { .. } | RunsCommand::Rerun { .. } | RunsCommand::Cancel { .. }
+            }
+    );
     if runs_work {
         let prometheus = matches!(cli.command, Command::Worker { metrics_listen: Some(_), .. });
         match Telemetry::from_env(prometheus) {

@@ -365,13 +365,7 @@ const BAR: usize = 24;
 pub fn render_timeline(steps: &[StepSummary], origin: i64, end: i64, children: &[ChildTimeline]) -> String {
     let mut out = String::new();
     timeline_into(&mut out, steps, origin, end, children, "  ");
-    if let Some((input, output, cost)) = llm_totals(steps) {
-        let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
-        let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
-    }
-    if let Some((input, output)) = llm_reused_totals(steps) {
-        let _ = writeln!(out, "  reused model tokens (not paid again): {input} in + {output} out");
-    }
+    totals_into(&mut out, steps);
     out
 }
 
@@ -535,6 +529,12 @@ pub fn render(steps: &[StepSummary]) -> String {
     for s in steps {
         out.push_str(&render_step(s, "  ", width));
     }
+    totals_into(&mut out, steps);
+    out
+}
+
+/// The run's model tokens and cost, paid and reused.
+fn totals_into(out: &mut String, steps: &[StepSummary]) {
     if let Some((input, output, cost)) = llm_totals(steps) {
         let cost = cost.map(|c| format!(", cost {c:.6}")).unwrap_or_default();
         let _ = writeln!(out, "  model tokens: {input} in + {output} out{cost}");
@@ -542,7 +542,6 @@ pub fn render(steps: &[StepSummary]) -> String {
     if let Some((input, output)) = llm_reused_totals(steps) {
         let _ = writeln!(out, "  reused model tokens (not paid again): {input} in + {output} out");
     }
-    out
 }
 
 fn id_width(steps: &[StepSummary]) -> usize {

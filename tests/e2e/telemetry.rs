@@ -987,10 +987,12 @@ async fn a_run_cancelled_while_a_retry_waits_ends_its_step_span_and_a_rerun_repo
     let options = EngineOptions { telemetry: telemetry.clone(), ..Default::default() };
     let setup = ModelSetup::with_options("otel-cancel", Arc::new(SystemClock), Limits::default(), options).await;
     // `slow` fails and waits a minute to retry; the run is cancelled then.
-    let def = setup.compile(&format!(
-        "name: backoff\nsteps:\n  - id: first\n    kind: transform\n    with: {{value: 1}}\n  - id: slow\n    kind: http\n    needs: [first]\n    retry: {{max_attempts: 3, initial_delay: 1m}}\n    with: {{url: \"{}\"}}\n",
-        counter.url("/hit/slow?status=503")
-    ));
+    let yaml = |url: String| {
+        format!(
+            "name: backoff\nsteps:\n  - id: first\n    kind: transform\n    with: {{value: 1}}\n  - id: slow\n    kind: http\n    needs: [first]\n    retry: {{max_attempts: 3, initial_delay: 1m}}\n    with: {{url: \"{url}\"}}\n"
+        )
+    };
+    let def = setup.compile(&yaml(counter.url("/hit/slow?status=503")));
     let id = setup.engine.submit(&def, json!({})).await.unwrap();
     counter.wait_for_calls("slow", 1).await;
     let settled = setup.engine.wait_settled(&id).await.unwrap();
@@ -998,13 +1000,7 @@ async fn a_run_cancelled_while_a_retry_waits_ends_its_step_span_and_a_rerun_repo
     setup.engine.cancel(&id).await.unwrap();
     assert_eq!(setup.engine.wait(&id).await.unwrap().status, RunStatus::Cancelled);
     // A re-run from `slow` (now answering) reuses `first`.
-    let fixed = setup.compile_as(
-        "fixed.yaml",
-        &format!(
-            "name: backoff\nsteps:\n  - id: first\n    kind: transform\n    with: {{value: 1}}\n  - id: slow\n    kind: http\n    needs: [first]\n    retry: {{max_attempts: 3, initial_delay: 1m}}\n    with: {{url: \"{}\"}}\n",
-            counter.url("/hit/slow2")
-        ),
-    );
+    let fixed = setup.compile_as("fixed.yaml", &yaml(counter.url("/hit/slow2")));
     let again = setup.engine.rerun(&id, "slow", Some(&fixed)).await.unwrap();
     assert_eq!(setup.engine.wait(&again).await.unwrap().status, RunStatus::Succeeded);
     flushed(&telemetry).await;

@@ -784,19 +784,12 @@ impl RunTelemetry {
 
 /// A model call op seen: a failed try opens (or extends) the logical call.
 fn fold_chat(a: &mut Attempt, index: u32, value: &Value, at: i64) {
-    let latency = value.get("latency_ms").and_then(Value::as_i64).unwrap_or(0);
-    match value.get("outcome").and_then(Value::as_str) {
-        Some("answered") => {
-            if let Some(chat) = a.chat.as_mut() {
-                chat.2 += 1;
-            } else {
-                a.chat = Some((index, at - latency, 1));
-            }
+    match a.chat.as_mut() {
+        Some(chat) => chat.2 += 1,
+        None => {
+            let latency = value.get("latency_ms").and_then(Value::as_i64).unwrap_or(0);
+            a.chat = Some((index, at - latency, 1));
         }
-        _ => match a.chat.as_mut() {
-            Some(chat) => chat.2 += 1,
-            None => a.chat = Some((index, at - latency, 1)),
-        },
     }
 }
 
