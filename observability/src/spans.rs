@@ -454,28 +454,41 @@ impl Telemetry {
         self.spans.as_ref().map_or(0, |s| s.exported.load(Ordering::Relaxed))
     }
 
+    /// Exports what is queued now, waiting at most `timeout`; `false` if
+    /// it did not finish in time. Call it outside an async context.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.flush_until(Instant::now() + timeout)
+    }
+
+    fn flush_until(&self, deadline: Instant) -> bool {
+        let Some(spans) = &self.spans else { return true };
+        let q = &spans.queue;
+        let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.flush_asked += 1;
+        let target = state.flush_asked;
+        q.ready.notify_one();
+        // Waits for the flush, never past the deadline.
+        while state.flush_done < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || state.stop {
+                return false;
+            }
+            state = q.flushed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+
     /// Exports what is queued, waiting at most `timeout`, then stops the
     /// exporter (spans emitted later are dropped). Also flushes metrics.
     /// Call it outside an async context.
     pub fn shutdown(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         if let Some(spans) = &self.spans {
+            self.flush_until(deadline);
+            // The thread is told to stop (it is not joined: a hung receiver
+            // keeps it only until its export times out).
             let q = &spans.queue;
-            let mut state = q.state.lock().unwrap_or_else(|p| p.into_inner());
-            state.flush_asked += 1;
-            let target = state.flush_asked;
-            q.ready.notify_one();
-            // Waits for the flush, never past the deadline; then the thread
-            // is told to stop (it is not joined: a hung receiver keeps it
-            // only until its export times out).
-            while state.flush_done < target {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                state = q.flushed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
-            }
-            state.stop = true;
+            q.state.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
             q.ready.notify_one();
         }
         if let Some(m) = &self.metrics {

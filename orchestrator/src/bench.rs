@@ -220,8 +220,20 @@ async fn run_in(
     let url = dir.join("bench.db").display().to_string();
     let store = Arc::new(SqliteStore::open(&SqliteOptions { url, synchronous_full }).await?);
     let exporting = telemetry.is_some();
-    let options =
-        EngineOptions { max_concurrent_runs: 1024, telemetry: telemetry.unwrap_or_default(), ..Default::default() };
+    let options = EngineOptions {
+        max_concurrent_runs: 1024,
+        telemetry: telemetry.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    // Each measurement starts with the exporter idle: spans of the one
+    // before are exported first (how long that took after chain40's
+    // throughput is reported as `drain_ms`).
+    let settle = || async {
+        let Some(t) = telemetry.clone() else { return Ok(Duration::ZERO) };
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || t.flush(Duration::from_secs(60))).await?;
+        Ok::<_, anyhow::Error>(started.elapsed())
+    };
     let engine = Engine::start(store, crate::offline_registry(), Arc::new(SystemClock), options);
     let mode = match (synchronous_full, exporting) {
         (true, false) => "sqlite-wal-full",
@@ -245,6 +257,7 @@ async fn run_in(
         match *w {
             "chain40" => {
                 let def = compile_text("chain40.yaml", chain_yaml(40), &engine)?;
+                settle().await?;
                 match latency(&engine, &def, &json!({"i": 0}), &json!({"i": 40}), 30).await {
                     Ok(s) => emit(json!({"workload": "chain40", "metric": "latency", "n": 30,
                         "p50_ms": round(percentile(&s, 50.0)), "p95_ms": round(percentile(&s, 95.0))})),
@@ -252,11 +265,16 @@ async fn run_in(
                         emit(json!({"workload": "chain40", "metric": "latency", "n": 30, "error": e.to_string()}))
                     }
                 }
+                settle().await?;
                 match throughput(&engine, &def, 200).await {
                     Ok(wall) => {
                         let s = wall.as_secs_f64();
-                        emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "wall_s": round3(s),
-                            "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)}))
+                        let mut line = json!({"workload": "chain40", "metric": "throughput", "n": 200,
+                            "wall_s": round3(s), "runs_per_s": round(200.0 / s), "steps_per_s": round(8000.0 / s)});
+                        if exporting {
+                            line["drain_ms"] = json!(round(settle().await?.as_secs_f64() * 1000.0));
+                        }
+                        emit(line)
                     }
                     Err(e) => {
                         emit(json!({"workload": "chain40", "metric": "throughput", "n": 200, "error": e.to_string()}))
@@ -265,6 +283,7 @@ async fn run_in(
             }
             "fanout100" => {
                 let def = compile_text("fanout100.yaml", fanout_yaml(100), &engine)?;
+                settle().await?;
                 match latency(&engine, &def, &json!({}), &json!(4950), 20).await {
                     Ok(s) => emit(json!({"workload": "fanout100", "metric": "latency", "n": 20,
                         "p50_ms": round(percentile(&s, 50.0)), "p95_ms": round(percentile(&s, 95.0))})),

@@ -1027,3 +1027,44 @@ async fn a_run_cancelled_while_a_retry_waits_ends_its_step_span_and_a_rerun_repo
     receiver.stop().await;
     counter.stop().await;
 }
+
+/// With the `grpc` feature (`.ci/run` runs this test with it), the binary
+/// exports spans and metrics over OTLP/gRPC.
+#[cfg(feature = "grpc")]
+#[tokio::test]
+async fn spans_and_metrics_reach_a_grpc_receiver() {
+    switchyard_tests::install_crypto_provider();
+    let dir = temp_dir("otel-grpc");
+    let (receiver, model) = (OtlpReceiver::start_grpc().await, ModelServer::start().await);
+    let file = dir.join("grpc.yaml");
+    std::fs::write(
+        &file,
+        "name: grpc\nsteps:\n  - id: a\n    kind: transform\n    with: {value: 1}\n  - id: b\n    kind: transform\n    needs: [a]\n    with: {value: 2}\n",
+    )
+    .unwrap();
+    let out = output_within(
+        switchyard(&dir.join("db"), &receiver.endpoint(), &model)
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            .env_remove("OTEL_METRICS_EXPORTER")
+            .arg("run")
+            .arg(&file)
+            .arg("--traceparent")
+            .arg(format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")),
+    )
+    .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The process flushed both signals before it exited.
+    let received = receiver.received();
+    let spans = &received.spans;
+    assert_tree(spans, CALLER_SPAN);
+    assert!(spans.iter().all(|s| s.trace_id == CALLER_TRACE), "one trace: {spans:?}");
+    let run = one(spans, "invoke_workflow grpc");
+    assert_eq!(run.parent_id, CALLER_SPAN);
+    for step in ["a", "b"] {
+        let attempt = one(spans, &format!("transform {step}"));
+        assert_eq!(attempt.parent_id, run.span_id, "{step} under the run");
+    }
+    assert!(received.metrics.iter().any(|m| m == "switchyard.runs.started"), "{:?}", received.metrics);
+    receiver.stop().await;
+    model.stop().await;
+}

@@ -2,6 +2,8 @@
 //! `ExportTraceServiceRequest`s and `ExportMetricsServiceRequest`s that
 //! OpenTelemetry exporters POST to `/v1/traces` and `/v1/metrics`, with the
 //! generated types of the `opentelemetry-proto` crate, and keeps what came.
+//! With the `grpc` feature, [`OtlpReceiver::start_grpc`] takes the same
+//! requests over OTLP/gRPC (the crate's generated tonic services).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -74,6 +76,24 @@ impl OtlpReceiver {
         Self { served: Served::start(app).await, state }
     }
 
+    /// A receiver speaking OTLP/gRPC (HTTP/2 without TLS) on 127.0.0.1.
+    #[cfg(feature = "grpc")]
+    pub async fn start_grpc() -> Self {
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let state = Arc::new(watch::Sender::new(Received::default()));
+        let app = Router::new()
+            .route_service(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                TraceServiceServer::new(Grpc(state.clone())),
+            )
+            .route_service(
+                "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+                MetricsServiceServer::new(Grpc(state.clone())),
+            );
+        Self { served: Served::start(app).await, state }
+    }
+
     /// The value for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.served.addr)
@@ -120,6 +140,11 @@ fn hex(bytes: &[u8]) -> String {
 
 async fn traces(State(state): State<Arc<watch::Sender<Received>>>, body: Bytes) -> StatusCode {
     let Ok(request) = ExportTraceServiceRequest::decode(body) else { return StatusCode::BAD_REQUEST };
+    record_traces(&state, request);
+    StatusCode::OK
+}
+
+fn record_traces(state: &watch::Sender<Received>, request: ExportTraceServiceRequest) {
     let mut spans = Vec::new();
     for rs in request.resource_spans {
         let service = rs
@@ -151,11 +176,15 @@ async fn traces(State(state): State<Arc<watch::Sender<Received>>>, body: Bytes) 
         r.spans.extend(spans);
         r.requests += 1;
     });
-    StatusCode::OK
 }
 
 async fn metrics(State(state): State<Arc<watch::Sender<Received>>>, body: Bytes) -> StatusCode {
     let Ok(request) = ExportMetricsServiceRequest::decode(body) else { return StatusCode::BAD_REQUEST };
+    record_metrics(&state, &request);
+    StatusCode::OK
+}
+
+fn record_metrics(state: &watch::Sender<Received>, request: &ExportMetricsServiceRequest) {
     let names: Vec<String> = request
         .resource_metrics
         .iter()
@@ -166,5 +195,38 @@ async fn metrics(State(state): State<Arc<watch::Sender<Received>>>, body: Bytes)
         r.metrics.extend(names);
         r.requests += 1;
     });
-    StatusCode::OK
+}
+
+/// The OTLP/gRPC services, recording into the same state.
+#[cfg(feature = "grpc")]
+struct Grpc(Arc<watch::Sender<Received>>);
+
+#[cfg(feature = "grpc")]
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        record_traces(&self.0, request.into_inner());
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[cfg(feature = "grpc")]
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse>,
+        tonic::Status,
+    > {
+        record_metrics(&self.0, &request.into_inner());
+        Ok(tonic::Response::new(Default::default()))
+    }
 }
