@@ -46,6 +46,8 @@ macro_rules! put {
     }};
 }
 
+mod vault;
+
 /// Stdout was closed by its reader: the command stops printing and, having
 /// nothing left to tell, exits 0.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +182,16 @@ enum Command {
         /// Serve metrics as Prometheus text at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+    },
+    /// The credential vault's master key: init, rotate.
+    Vault {
+        #[command(subcommand)]
+        command: vault::VaultCommand,
+    },
+    /// Connections: named credentials, sealed in the vault.
+    Connections {
+        #[command(subcommand)]
+        command: vault::ConnectionsCommand,
     },
     /// Run the benchmark workloads (chain40, fanout100); prints JSON lines.
     Bench {
@@ -550,6 +562,8 @@ async fn execute(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Vault { command } => vault::vault(&cli.db, command).await,
+        Command::Connections { command } => vault::connections(&cli.db, command).await,
         Command::Bench { workload, otlp } => {
             let chosen: &[&str] = match workload {
                 Workload::All => &["chain40", "fanout100"],

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod report;
 pub mod spec;
 pub mod store;
+pub mod vault;
 pub mod workflow;
 
 use std::sync::Arc;

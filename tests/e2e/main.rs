@@ -14,3 +14,4 @@ mod rerun;
 mod signals;
 mod support;
 mod telemetry;
+mod vault;
